@@ -1,0 +1,50 @@
+"""limuon-kernels: fused kernels behind the LiMuon and Muon optimizers.
+
+Public kernel API (stable):
+    newton_schulz(G, steps=5, coefficients="keller", eps=1e-7, compute_dtype=None)
+    rsvd(M, rank, oversample=5, power_iters=0, seed=0) -> (U, S, V)
+    storm_update_(m, g_new, g_old, momentum)
+    lowrank_storm(U, S, V, g_new, g_old, momentum)
+plus ``mars_update_``, ``lowrank_axpby`` and ``orthogonalize_svd``, and the backend controls
+``set_backend``, ``get_backend``, ``available_backends`` (``HAS_C_EXT`` says whether the compiled
+C++ kernels loaded).
+"""
+
+from limuon_kernels import ops  # noqa: I001  (defines the op schemas before _C registers kernels)
+from limuon_kernels import _extension
+
+_extension.load()
+
+from limuon_kernels.backend import available_backends, get_backend, set_backend  # noqa: E402
+from limuon_kernels.ops import (  # noqa: E402
+    derive_seed,
+    get_ns_compute_dtype,
+    lowrank_axpby,
+    lowrank_storm,
+    mars_update_,
+    newton_schulz,
+    orthogonalize_svd,
+    rsvd,
+    set_ns_compute_dtype,
+    storm_update_,
+)
+
+HAS_C_EXT: bool = _extension.HAS_C_EXT
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAS_C_EXT",
+    "available_backends",
+    "derive_seed",
+    "get_backend",
+    "get_ns_compute_dtype",
+    "lowrank_axpby",
+    "lowrank_storm",
+    "mars_update_",
+    "newton_schulz",
+    "orthogonalize_svd",
+    "rsvd",
+    "set_backend",
+    "set_ns_compute_dtype",
+    "storm_update_",
+]

@@ -1,0 +1,130 @@
+"""Plain-PyTorch reference kernels: the ground truth for tests and the fallback on every device.
+
+Every function here implements one ``limuon::`` op exactly as ``ops.py`` documents it. They favour
+clarity over speed, but they are also what runs when neither the C++ nor the Triton kernels are
+available, so they avoid needless copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+# -- Newton–Schulz -------------------------------------------------------------------------------
+
+
+def newton_schulz(
+    G: Tensor,
+    coefficients: Sequence[float],
+    eps: float,
+    norm_scale: float,
+    compute_dtype: torch.dtype | None,
+) -> Tensor:
+    """Newton–Schulz orthogonalisation of every matrix in ``G: (..., m, n)``.
+
+    ``coefficients`` is the flat list ``[a_1, b_1, c_1, a_2, ...]``, one triple per iteration:
+        X ← G / max(norm_scale·‖G‖_F, eps)            (norm in fp32, per matrix)
+        A = X Xᵀ;  B = b·A + c·A·A;  X ← a·X + B·X     (Gram side is min(m, n))
+    Matmuls run in ``compute_dtype`` (``None``: G's dtype). Returns a tensor of G's shape and dtype.
+    """
+    m, n = G.shape[-2], G.shape[-1]
+    dtype = compute_dtype or G.dtype
+    lead = G.shape[:-2]
+    X = G.reshape(-1, m, n)
+    transposed = m > n
+    if transposed:
+        X = X.mT
+    norms = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
+    X = (X.float() / (norms * norm_scale).clamp_min(eps)).to(dtype)
+    for i in range(0, len(coefficients), 3):
+        a, b, c = coefficients[i], coefficients[i + 1], coefficients[i + 2]
+        A = torch.bmm(X, X.mT)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        X = torch.baddbmm(X, B, X, beta=a)
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype).reshape(*lead, m, n).contiguous()
+
+
+# -- Randomized SVD ------------------------------------------------------------------------------
+
+
+def gaussian_sketch(n: int, k: int, seed: int, device: torch.device) -> Tensor:
+    """Ω ~ N(0, 1)^{n×k} in fp32, from a CPU generator seeded with ``seed``.
+
+    Generated on the CPU (then moved) so the same seed gives the same Ω on every device and in the
+    C++ kernel, which draws from the same CPU generator (mt19937).
+    """
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed)
+    return torch.randn(n, k, generator=gen, dtype=torch.float32).to(device)
+
+
+def rsvd(
+    M: Tensor, rank: int, oversample: int, power_iters: int, seeds: Sequence[int]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Randomized SVD (Halko–Martinsson–Tropp) of every matrix in ``M: (..., m, n)``, in fp32.
+
+        Ω_i ~ N(0,1)^{n×k} seeded by seeds[i], k = min(rank + oversample, m, n);  Y = M Ω
+        q times: Q = qr(Y);  Z = qr(Mᵀ Q);  Y = M Z               (power iterations)
+        Q = qr(Y);  B = Qᵀ M;  (Ũ, Σ, Vᵀ) = svd(B);  U = Q Ũ
+    Returns ``U: (..., m, rank)``, ``S: (..., rank)``, ``V: (..., n, rank)`` (fp32).
+    """
+    m, n = M.shape[-2], M.shape[-1]
+    lead = M.shape[:-2]
+    Mb = M.reshape(-1, m, n).float()
+    k = min(rank + oversample, m, n)
+    omega = torch.stack([gaussian_sketch(n, k, int(s), M.device) for s in seeds])
+    Y = torch.bmm(Mb, omega)
+    for _ in range(power_iters):
+        Q = torch.linalg.qr(Y).Q
+        Z = torch.linalg.qr(torch.bmm(Mb.mT, Q)).Q
+        Y = torch.bmm(Mb, Z)
+    Q = torch.linalg.qr(Y).Q
+    B = torch.bmm(Q.mT, Mb)
+    Ub, S, Vh = torch.linalg.svd(B, full_matrices=False)
+    U = torch.bmm(Q, Ub[..., :rank])
+    return (
+        U.reshape(*lead, m, rank).contiguous(),
+        S[..., :rank].reshape(*lead, rank).contiguous(),
+        Vh[..., :rank, :].mT.reshape(*lead, n, rank).contiguous(),
+    )
+
+
+# -- Elementwise momentum updates ----------------------------------------------------------------
+
+
+def storm_update_(m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> None:
+    """In place: ``m ← g_new + momentum·(m − g_old)`` (fp32 arithmetic, stored in m's dtype)."""
+    out = g_new.float() + momentum * (m.float() - g_old.float())
+    m.copy_(out)
+
+
+def mars_update_(b: Tensor, g: Tensor, momentum: float, gamma: float) -> Tensor:
+    """The one-gradient ("approx") LiMuon update in its MARS-M-efficient form.
+
+        b ← μ·b + (1−γ)(1−μ)/μ · g        (in place)
+        d = γ·g + μ·b                     (returned, the Newton–Schulz input, in g's dtype)
+    """
+    gf = g.float()
+    b_new = momentum * b.float() + ((1.0 - gamma) * (1.0 - momentum) / momentum) * gf
+    b.copy_(b_new)
+    return (gamma * gf + momentum * b_new).to(g.dtype)
+
+
+def lowrank_product(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
+    """``U diag(S) Vᵀ`` for ``U: (..., m, r)``, ``S: (..., r)``, ``V: (..., n, r)`` (fp32)."""
+    return torch.matmul(U.float() * S.float().unsqueeze(-2), V.float().mT)
+
+
+def lowrank_storm(U: Tensor, S: Tensor, V: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> Tensor:
+    """``g_new + momentum·(U diag(S) Vᵀ − g_old)``, returned in g_new's dtype."""
+    out = g_new.float() + momentum * (lowrank_product(U, S, V) - g_old.float())
+    return out.to(g_new.dtype)
+
+
+def lowrank_axpby(U: Tensor, S: Tensor, V: Tensor, g: Tensor, alpha: float, beta: float) -> Tensor:
+    """``alpha·U diag(S) Vᵀ + beta·g``, returned in g's dtype."""
+    return (alpha * lowrank_product(U, S, V) + beta * g.float()).to(g.dtype)

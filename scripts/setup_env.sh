@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and builds the package into it.
+# Sourced by scripts/test.sh and scripts/bench.sh; safe to run again (each step is skipped when done).
+#   LIMUON_VENV   where the environment lives (default: <repo>/.venv)
+#   LIMUON_TORCH  the torch requirement to install when none is importable (default: torch==2.13.0,
+#                 the CPU build these machines carry; never let pip resolve a bare `torch`)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${LIMUON_VENV:-$ROOT/.venv}"
+TORCH_REQ="${LIMUON_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  # Reuse a system-wide torch when there is one (the GPU machines ship torch+triton and have no network).
+  if python3 -c "import torch" >/dev/null 2>&1; then
+    python3 -m venv --system-site-packages "$VENV"
+  else
+    python3 -m venv "$VENV"
+  fi
+fi
+PY="$VENV/bin/python"
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+have() { "$PY" -c "import $1" >/dev/null 2>&1; }
+
+have torch || "$PY" -m pip install -q "$TORCH_REQ"
+# Build tools for `pip install --no-build-isolation` (torch must not be a build requirement).
+have setuptools && have wheel && have ninja || "$PY" -m pip install -q "setuptools>=64" wheel ninja
+# Triton: the GPU kernels, and their CPU interpreter for tests. Optional for the package itself.
+have triton || "$PY" -m pip install -q "triton>=3.6" || echo "warning: triton could not be installed" >&2
+
+# Build the C++ extension in place when it is missing or older than its sources.
+so=$(ls "$ROOT"/limuon_kernels/_C*.so 2>/dev/null | head -n 1 || true)
+stale=1
+if [ -n "$so" ] && [ -z "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" -type f 2>/dev/null)" ] \
+   && "$PY" -c "import limuon_kernels, sys; sys.exit(0 if limuon_kernels.HAS_C_EXT else 1)" >/dev/null 2>&1; then
+  stale=0
+fi
+if [ "$stale" = 1 ]; then
+  extras=""
+  have pytest && have numpy && have ruff || extras="[test]"
+  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation -e ".$extras")
+fi
+"$PY" -c "import limuon_kernels as lk; print('limuon-kernels', lk.__version__, '| backends:', lk.available_backends())"
