@@ -10,7 +10,7 @@ plus ``mars_update_``, ``lowrank_axpby`` and ``orthogonalize_svd``, and the back
 C++ kernels loaded).
 """
 
-from limuon_kernels import ops  # noqa: I001  (defines the op schemas before _C registers kernels)
+from limuon_kernels import ops  # noqa: F401, I001  (defines the op schemas before _C registers kernels)
 from limuon_kernels import _extension
 
 _extension.load()

@@ -1,0 +1,263 @@
+"""What LiMuon and Muon share: hyperparameter checks, parameter routing, gradient checks, the AdamW
+fallback for non-matrix parameters, and the batching of same-shape matrices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from limuon_kernels.ns_coefficients import resolve_coefficients
+
+ADAMW = "adamw"
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """A gradient holds NaN or Inf; the step was refused and nothing was changed."""
+
+
+# -- hyperparameter checks ------------------------------------------------------------------------
+
+
+def _is_number(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return x.numel() == 1 and not x.is_complex()
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_number(name: str, value: Any, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ``ValueError(f"Invalid {name}: {value}")`` unless value is a finite number in range."""
+    ok = _is_number(value)
+    if ok:
+        v = float(value)
+        ok = math.isfinite(v)
+        if ok and low is not None:
+            ok = v > low if low_open else v >= low
+        if ok and high is not None:
+            ok = v < high if high_open else v <= high
+    if not ok:
+        lo = "" if low is None else ("(" if low_open else "[") + f"{low}, "
+        hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+        rng = f"{lo}{hi}" if lo and hi else (f">{'' if low_open else '='} {low}" if lo else f"<= {high}")
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number {'in ' if lo and hi else ''}{rng}")
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {low}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r}; expected one of {choices}")
+
+
+def check_adamw_group(group: dict) -> None:
+    """Validate the AdamW hyperparameters of a group (``None`` means: use the matrix value)."""
+    if group.get("adamw_lr") is not None:
+        check_number("adamw_lr", group["adamw_lr"], low=0.0)
+    betas = group["adamw_betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid adamw_betas: {betas!r}; expected a pair (beta1, beta2)")
+    check_number("adamw_betas[0]", betas[0], 0.0, 1.0, high_open=True)
+    check_number("adamw_betas[1]", betas[1], 0.0, 1.0, high_open=True)
+    check_number("adamw_eps", group["adamw_eps"], low=0.0)
+    if group.get("adamw_weight_decay") is not None:
+        check_number("adamw_weight_decay", group["adamw_weight_decay"], low=0.0)
+
+
+def check_ns_group(group: dict) -> None:
+    """Validate the Newton–Schulz hyperparameters of a group."""
+    check_int("ns_steps", group["ns_steps"], 1)
+    if group["ns_steps"] >= 100:
+        raise ValueError(f"Invalid ns_steps: {group['ns_steps']}; expected fewer than 100 iterations")
+    resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
+    check_number("eps", group["eps"], low=0.0)
+    check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
+    dtype = group.get("ns_compute_dtype")
+    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise ValueError(f"Invalid ns_compute_dtype: {dtype!r}; expected None or a float dtype")
+
+
+# -- shapes and learning-rate scaling -------------------------------------------------------------
+
+
+def matrix_shape(p: Tensor) -> tuple[int, int]:
+    """The 2-D view an N-D parameter is orthogonalised as: ``(out, in·kh·kw)`` for a conv weight."""
+    return p.shape[0], p.numel() // p.shape[0]
+
+
+def lr_scale(adjust_lr_fn: str | None, m: int, n: int) -> float:
+    """``s(m, n)`` of torch.optim.Muon: the factor applied to lr for the orthogonalised update."""
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, m / n))
+    return 0.2 * math.sqrt(max(m, n))
+
+
+# -- gradients ------------------------------------------------------------------------------------
+
+
+def check_gradients(items: list[tuple[int, Tensor, Tensor]], what: str = "gradient") -> None:
+    """Refuse sparse, complex or non-finite gradients; ``items`` are (param index, param, grad).
+
+    Finiteness is checked with one host synchronisation for all gradients.
+    """
+    for idx, p, g in items:
+        if g.is_sparse:
+            raise RuntimeError(
+                f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is sparse; limuon supports dense "
+                "gradients only"
+            )
+        if g.is_complex():
+            raise RuntimeError(
+                f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is complex; limuon supports real "
+                "tensors only"
+            )
+    if not items:
+        return
+    finite = torch.stack([torch.isfinite(g).all().to(items[0][2].device) for _, _, g in items])
+    if bool(finite.all()):
+        return
+    bad = int((~finite).nonzero()[0, 0])
+    idx, p, _ = items[bad]
+    raise NonFiniteGradientError(
+        f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is not finite (it contains NaN or Inf); "
+        "the step was skipped and no parameter or optimizer state was changed"
+    )
+
+
+# -- batching of same-shape matrices --------------------------------------------------------------
+
+
+@dataclass
+class Bucket:
+    """Same-shape, same-dtype, same-device matrices of one param group, processed as one batch."""
+
+    shape: tuple[int, int]
+    params: list[Tensor] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+
+    def stack(self, tensors: list[Tensor]) -> Tensor:
+        """Stack per-parameter tensors as ``(B, m, n)`` (conv weights flattened to 2-D)."""
+        return torch.stack([t.reshape(self.shape) for t in tensors])
+
+
+def make_buckets(params: list[Tensor], indices: list[int], key: Callable[[Tensor], Any] = lambda p: None
+                 ) -> list[Bucket]:
+    """Group matrices by (2-D shape, dtype, device, key(p)), keeping first-appearance order."""
+    buckets: dict[Any, Bucket] = {}
+    for p, idx in zip(params, indices):
+        k = (matrix_shape(p), p.dtype, p.device, key(p))
+        b = buckets.setdefault(k, Bucket(shape=matrix_shape(p)))
+        b.params.append(p)
+        b.indices.append(idx)
+    return list(buckets.values())
+
+
+def apply_update(params: list[Tensor], O: Tensor, lr: float, weight_decay: float, scale: float) -> None:
+    """``W ← W·(1 − lr·wd) − lr·scale·O`` for every matrix of the batch (decoupled weight decay)."""
+    updates = [o.view_as(p) for o, p in zip(O.unbind(0), params)]
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, updates, alpha=-lr * scale)
+
+
+# -- the shared optimizer base --------------------------------------------------------------------
+
+
+class HybridOptimizer(Optimizer):
+    """Orthogonalised updates for matrices, AdamW for everything else, in one optimizer.
+
+    Subclasses set ``_matrix_algorithm`` (the group ``algorithm`` name of their matrix update),
+    implement ``_check_group`` and ``_step_matrices``.
+    """
+
+    _matrix_algorithm = "matrix"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(
+                        f"Invalid parameter of shape {tuple(p.shape)}: complex parameters are not supported"
+                    )
+                if group["algorithm"] == self._matrix_algorithm and p.ndim < 2:
+                    raise ValueError(
+                        f"Invalid parameter of shape {tuple(p.shape)} in a group with algorithm="
+                        f"{self._matrix_algorithm!r}: it needs ndim >= 2 (use algorithm='adamw')"
+                    )
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict) -> None:
+        check_choice("algorithm", group.get("algorithm"), (None, ADAMW, self._matrix_algorithm))
+        check_number("lr", group["lr"], low=0.0)
+        check_number("weight_decay", group["weight_decay"], low=0.0)
+        check_adamw_group(group)
+
+    def _is_matrix(self, group: dict, p: Tensor) -> bool:
+        return group["algorithm"] != ADAMW and p.ndim >= 2
+
+    def _split(self) -> list[tuple[dict, list[tuple[int, Tensor]], list[tuple[int, Tensor]]]]:
+        """Per group: (group, [(index, matrix param with grad)], [(index, AdamW param with grad)])."""
+        out = []
+        idx = 0
+        for group in self.param_groups:
+            mats, others = [], []
+            for p in group["params"]:
+                if p.grad is not None:
+                    (mats if self._is_matrix(group, p) else others).append((idx, p))
+                idx += 1
+            out.append((group, mats, others))
+        return out
+
+    @staticmethod
+    def _adamw_step(group: dict, params: list[Tensor], state: dict) -> None:
+        """torch.optim.AdamW's update (decoupled weight decay, bias correction), for ``params``."""
+        if not params:
+            return
+        lr = group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"]
+        wd = group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"]
+        beta1, beta2 = group["adamw_betas"]
+        eps = group["adamw_eps"]
+        grads, exp_avgs, exp_avg_sqs = [], [], []
+        for p in params:
+            st = state[p]
+            if "exp_avg" not in st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            st["step"] += 1
+            grads.append(p.grad)
+            exp_avgs.append(st["exp_avg"])
+            exp_avg_sqs.append(st["exp_avg_sq"])
+        if wd != 0.0:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+        for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
+            step = float(state[p]["step"])
+            bias1 = 1.0 - beta1**step
+            bias2_sqrt = math.sqrt(1.0 - beta2**step)
+            denom = (v.sqrt() / bias2_sqrt).add_(eps)
+            p.addcdiv_(m, denom, value=-lr / bias1)
+
+    def _check_all_groups(self) -> None:
+        # Hyperparameters may have been changed since __init__ (schedulers, user code): re-check
+        # before anything is modified, so a bad value fails loudly with nothing changed.
+        for group in self.param_groups:
+            self._check_group(group)

@@ -1,0 +1,316 @@
+"""LiMuon (Huang, Luo, Chen 2025): Muon with STORM variance-reduced momentum, optionally low-rank."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+import limuon_kernels as lk
+from limuon._common import (
+    Bucket,
+    HybridOptimizer,
+    apply_update,
+    check_choice,
+    check_gradients,
+    check_int,
+    check_ns_group,
+    check_number,
+    lr_scale,
+    make_buckets,
+    matrix_shape,
+)
+
+VARIANCE_REDUCTIONS = ("exact", "approx", "none")
+ORTHOGONALIZERS = ("newton_schulz", "svd")
+
+
+class LiMuon(HybridOptimizer):
+    r"""LiMuon: orthogonalised STORM momentum for matrices, AdamW for the rest.
+
+    For every matrix parameter ``W`` (ndim ≥ 2; a conv weight is treated as ``(out, in·kh·kw)``),
+    with ``μ = momentum`` and ``g`` its gradient (ALGORITHM.md §2)::
+
+        exact  : M_0 = g_0;  M_k = g(W_k) + μ·(M_{k−1} − g(W_{k−1}))     both gradients on one batch
+        approx : b_0 = (1−γ)/μ·g_0, d_0 = g_0;  b_k = μ·b_{k−1} + (1−γ)(1−μ)/μ·g_k,  d_k = γ·g_k + μ·b_k
+        none   : M_0 = g_0;  M_k = μ·M_{k−1} + (1−μ)·g_k
+        O = orth(M or d)                       Newton–Schulz (or exact SVD polar factor)
+        W ← W·(1 − lr·wd) − lr·s(m, n)·O       s as torch.optim.Muon's adjust_lr_fn
+
+    Option #1 (``rank=None``) keeps the momentum ``M`` (or ``b``) as a dense ``m×n`` tensor.
+    Option #2 (``rank=r``) keeps only its randomized SVD ``U (m×r), S (r), V (n×r)`` between steps and
+    uses ``U diag(S) Vᵀ`` in place of the previous momentum; ``r ≥ min(m, n)`` is Option #1.
+    The RSVD of parameter ``i`` at its step ``t`` is seeded with ``derive_seed(seed, i, t)``, so runs
+    are reproducible and resume exactly from a ``state_dict``.
+
+    ``"exact"`` needs ``step(closure)``: the closure must zero the gradients, run forward and
+    backward on the same batch every time it is called, and return the loss. From the second step
+    on it is called twice; between the calls the matrix parameters are moved back to the previous
+    iterate using a bf16 copy of the last update (the only persistent extra state), then restored.
+
+    Parameters with ndim < 2, and all parameters of a group with ``algorithm="adamw"``, get AdamW
+    (torch.optim.AdamW semantics) with ``adamw_lr``, ``adamw_betas``, ``adamw_eps`` and
+    ``adamw_weight_decay`` (``None``: the group's ``lr`` / ``weight_decay``), one update per step
+    from the first closure call's gradient.
+
+    Args:
+        params: parameters or param groups (a group may set any argument below and ``algorithm``).
+        lr: learning rate of the matrix update.
+        momentum: ``μ = 1 − β`` of the paper (same meaning and default as Muon's momentum).
+        rank: ``None`` (Option #1) or the RSVD rank of the low-rank momentum (Option #2).
+        oversample: extra RSVD sketch columns (``s``); power_iters: RSVD subspace iterations.
+        variance_reduction: ``"exact"``, ``"approx"`` or ``"none"`` (see above).
+        gamma: ``γ`` of the approx mode.
+        orthogonalizer: ``"newton_schulz"`` or ``"svd"`` (exact polar factor in fp32; slow).
+        ns_steps, ns_coefficients, eps: Newton–Schulz iterations, coefficients (``"keller"``,
+            ``"polar_express"``, one ``(a, b, c)`` triple or one triple per iteration), and the
+            normalisation floor.
+        weight_decay: decoupled weight decay; adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"``.
+        seed: base seed of the RSVD sketches.
+        ns_compute_dtype: matmul dtype of Newton–Schulz (``None``: fp32 on CPU, bf16 on GPU).
+    """
+
+    _matrix_algorithm = "limuon"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        *,
+        rank: int | None = None,
+        oversample: int = 5,
+        power_iters: int = 0,
+        variance_reduction: str = "exact",
+        gamma: float = 0.025,
+        orthogonalizer: str = "newton_schulz",
+        ns_steps: int = 5,
+        ns_coefficients: str | Sequence = "keller",
+        eps: float = 1e-7,
+        weight_decay: float = 0.1,
+        adjust_lr_fn: str | None = None,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+        seed: int = 0,
+        ns_compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        check_int("seed", seed, 0)
+        self.seed = seed
+        defaults = dict(
+            lr=lr, momentum=momentum, rank=rank, oversample=oversample, power_iters=power_iters,
+            variance_reduction=variance_reduction, gamma=gamma, orthogonalizer=orthogonalizer,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, weight_decay=weight_decay,
+            adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, algorithm=None,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_number("momentum", group["momentum"], 0.0, 1.0, low_open=True, high_open=True)
+        if group["rank"] is not None:
+            check_int("rank", group["rank"], 1)
+        check_int("oversample", group["oversample"], 0)
+        check_int("power_iters", group["power_iters"], 0)
+        check_choice("variance_reduction", group["variance_reduction"], VARIANCE_REDUCTIONS)
+        check_number("gamma", group["gamma"], 0.0, 1.0)
+        check_choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
+        check_ns_group(group)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("seed", 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["limuon_seed"] = self.seed
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        seed = state_dict.pop("limuon_seed", self.seed)
+        super().load_state_dict(state_dict)
+        self.seed = seed
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One LiMuon step. ``closure`` is required when a group uses ``variance_reduction="exact"``."""
+        self._check_all_groups()
+        exact = any(g["variance_reduction"] == "exact" for g in self.param_groups)
+        if exact and closure is None:
+            raise RuntimeError(
+                "LiMuon with variance_reduction='exact' needs a closure: call opt.step(closure) where "
+                "closure() zeroes the gradients, runs forward and backward on the same batch every time "
+                "it is called and returns the loss; or choose variance_reduction='approx' (one gradient "
+                "per step, no closure)"
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        split = self._split()
+        check_gradients([(i, p, p.grad) for _, mats, others in split for i, p in mats + others])
+        old_grads = self._old_point_gradients(split, closure) if exact else {}
+
+        for group, mats, others in split:
+            self._adamw_step(group, [p for _, p in others], self.state)
+            if group["variance_reduction"] == "exact":
+                self._forget_stale_updates(group, {id(p) for _, p in mats})
+            if not mats:
+                continue
+            params = [p for _, p in mats]
+            indices = [i for i, _ in mats]
+            for bucket in make_buckets(params, indices, key=lambda p: self._state_kind(group, p)):
+                self._step_bucket(group, bucket, old_grads)
+        return loss
+
+    def _low_rank(self, group: dict, p: Tensor) -> bool:
+        return group["rank"] is not None and group["rank"] < min(matrix_shape(p))
+
+    def _state_kind(self, group: dict, p: Tensor) -> str:
+        """"first" (no momentum yet), "lowrank" (U, S, V stored) or "dense" (momentum_buffer stored)."""
+        st = self.state.get(p, {})
+        if "step" not in st or (group["variance_reduction"] == "exact" and "last_update" not in st):
+            # Also when a group switches to exact mode: with no previous iterate, restart M = g.
+            return "first"
+        return "lowrank" if "U" in st else "dense"
+
+    def _old_point_gradients(self, split: list, closure: Callable[[], Any]) -> dict[int, Tensor]:
+        """Exact mode: gradients at the previous iterate ``W_{k−1}`` on the same batch.
+
+        Moves every matrix parameter that has a stored last update back by it, calls the closure,
+        and puts parameters and gradients back exactly as they were (also when the closure raises).
+        """
+        movers = [
+            (i, p) for group, _, _ in split if group["variance_reduction"] == "exact"
+            for i, p in self._group_matrices(group) if "last_update" in self.state.get(p, {})
+        ]
+        needed = {id(p) for group, mats, _ in split if group["variance_reduction"] == "exact"
+                  for _, p in mats if "last_update" in self.state.get(p, {})}
+        if not needed:
+            return {}
+        all_params = [p for group in self.param_groups for p in group["params"]]
+        saved_grads = [p.grad for p in all_params]
+        saved_weights = [p.detach().clone() for _, p in movers]
+        old: dict[int, Tensor] = {}
+        try:
+            for p in all_params:
+                p.grad = None
+            for _, p in movers:
+                p.add_(self.state[p]["last_update"].view_as(p))
+            with torch.enable_grad():
+                closure()
+            for i, p in movers:
+                if id(p) not in needed:
+                    continue
+                if p.grad is None:
+                    raise RuntimeError(
+                        f"The second closure call of exact mode produced no gradient for parameter {i} "
+                        f"(shape {tuple(p.shape)}); the closure must run backward through the same "
+                        "parameters every time it is called"
+                    )
+                old[id(p)] = p.grad
+            check_gradients([(i, p, old[id(p)]) for i, p in movers if id(p) in old],
+                            what="gradient at the previous iterate (second closure call)")
+        finally:
+            for (_, p), w in zip(movers, saved_weights):
+                p.copy_(w)
+            for p, g in zip(all_params, saved_grads):
+                p.grad = g
+        return old
+
+    def _group_matrices(self, group: dict) -> list[tuple[int, Tensor]]:
+        start = 0
+        for g in self.param_groups:
+            if g is group:
+                break
+            start += len(g["params"])
+        return [(start + j, p) for j, p in enumerate(group["params"]) if self._is_matrix(group, p)]
+
+    def _forget_stale_updates(self, group: dict, stepped: set[int]) -> None:
+        # A matrix that skips a step (no gradient) did not move, so its previous iterate is itself.
+        for _, p in self._group_matrices(group):
+            st = self.state.get(p, {})
+            if id(p) not in stepped and "last_update" in st:
+                st["last_update"].zero_()
+
+    def _step_bucket(self, group: dict, bucket: Bucket, old_grads: dict[int, Tensor]) -> None:
+        mode = group["variance_reduction"]
+        mu, gamma = group["momentum"], group["gamma"]
+        params = bucket.params
+        grads = [p.grad for p in params]
+        states = [self.state[p] for p in params]
+        kind = self._state_kind(group, params[0])
+        low_rank = self._low_rank(group, params[0])
+
+        # 1. New momentum (kept: `buf`, dense per parameter or batched) and the orthogonaliser input.
+        if kind == "first":
+            G = bucket.stack(grads)
+            buf = G * ((1.0 - gamma) / mu) if mode == "approx" else G
+            ns_in = G
+        elif kind == "dense":
+            bufs = [st["momentum_buffer"] for st in states]
+            if mode == "exact":
+                for b, g_new, p in zip(bufs, grads, params):
+                    lk.storm_update_(b, g_new, old_grads[id(p)], mu)
+                ns_in = bucket.stack(bufs)
+            elif mode == "none":
+                torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+                ns_in = bucket.stack(bufs)
+            else:
+                ns_in = bucket.stack([lk.mars_update_(b, g, mu, gamma) for b, g in zip(bufs, grads)])
+        else:
+            U, S, V = (torch.stack([st[k] for st in states]) for k in ("U", "S", "V"))
+            G = bucket.stack(grads)
+            if mode == "exact":
+                buf = ns_in = lk.lowrank_storm(U, S, V, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
+            elif mode == "none":
+                buf = ns_in = lk.lowrank_axpby(U, S, V, G, mu, 1.0 - mu)
+            else:
+                buf = lk.lowrank_axpby(U, S, V, G, mu, (1.0 - gamma) * (1.0 - mu) / mu)
+                ns_in = buf.mul(mu).add_(G, alpha=gamma)
+
+        # 2. Orthogonalise the whole batch at once.
+        if group["orthogonalizer"] == "svd":
+            O = lk.orthogonalize_svd(ns_in)
+        else:
+            O = lk.newton_schulz(ns_in, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+                                 eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
+
+        # 3. Step counts, then the parameter update (recording it first in exact mode).
+        for st in states:
+            st["step"] = st.get("step", torch.tensor(0.0)) + 1
+        lr, wd = group["lr"], group["weight_decay"]
+        scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
+        if mode == "exact":
+            for p, o, st in zip(params, O.unbind(0), states):
+                # last_update = W_{k} − W_{k+1}: what exact mode adds to go back one iterate.
+                delta = torch.mul(p, lr * wd).add_(o.view_as(p), alpha=lr * scale)
+                if "last_update" in st:
+                    st["last_update"].copy_(delta)
+                else:
+                    st["last_update"] = delta.to(torch.bfloat16)
+        apply_update(params, O, lr, wd, scale)
+
+        # 4. Keep the momentum for the next step: compressed to rank r, or dense.
+        if low_rank:
+            seeds = [lk.derive_seed(self.seed, i, int(st["step"])) for i, st in zip(bucket.indices, states)]
+            U, S, V = lk.rsvd(buf, group["rank"], group["oversample"], group["power_iters"], seed=seeds)
+            for st, u, s, v in zip(states, U.unbind(0), S.unbind(0), V.unbind(0)):
+                st["U"], st["S"], st["V"] = u.clone(), s.clone(), v.clone()
+                st.pop("momentum_buffer", None)
+        elif kind != "dense":
+            for p, st, b in zip(params, states, buf.unbind(0)):
+                st["momentum_buffer"] = b.reshape(p.shape).clone()
+                for key in ("U", "S", "V"):
+                    st.pop(key, None)
+
+
+__all__ = ["LiMuon"]

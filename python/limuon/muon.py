@@ -1,0 +1,108 @@
+"""Muon: a drop-in for torch.optim.Muon, plus N-D parameters, an AdamW fallback and batching."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+import limuon_kernels as lk
+from limuon._common import (
+    HybridOptimizer,
+    apply_update,
+    check_gradients,
+    check_ns_group,
+    check_number,
+    lr_scale,
+    make_buckets,
+)
+
+
+class Muon(HybridOptimizer):
+    r"""Muon (Keller Jordan et al.) with torch.optim.Muon's arguments, defaults and results.
+
+    For every matrix parameter (ndim ≥ 2; a conv weight is treated as ``(out, in·kh·kw)``)::
+
+        B ← lerp(B, g, 1 − μ);   G = lerp(g, B, μ) if nesterov else B
+        O = NS(G);               W ← W·(1 − lr·wd) − lr·s(m, n)·O
+
+    Same-shape matrices are orthogonalised as one ``(B, m, n)`` batch. Parameters with ndim < 2 and
+    groups with ``algorithm="adamw"`` get AdamW (torch.optim.AdamW semantics) with ``adamw_lr``,
+    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` (``None``: the group's lr/weight_decay).
+    State keys match torch.optim.Muon (``momentum_buffer``), so state dicts carry over.
+
+    ``ns_compute_dtype`` is the Newton–Schulz matmul dtype (``None``: fp32 on CPU, where bf16
+    matmuls are 25–90× slower; bf16 on GPU, as torch.optim.Muon). Pass ``torch.bfloat16`` on CPU to
+    reproduce torch.optim.Muon's rounding there.
+    """
+
+    _matrix_algorithm = "muon"
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_coefficients: str | Sequence = (3.4445, -4.7750, 2.0315),
+        eps: float = 1e-7,
+        ns_steps: int = 5,
+        adjust_lr_fn: str | None = None,
+        *,
+        adamw_lr: float | None = None,
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        adamw_weight_decay: float | None = None,
+        ns_compute_dtype: torch.dtype | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+            ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
+            adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
+            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, algorithm=None,
+        )
+        super().__init__(params, defaults)
+
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_number("momentum", group["momentum"], low=0.0)
+        if not isinstance(group["nesterov"], bool):
+            raise ValueError(f"Invalid nesterov: {group['nesterov']!r}; expected a bool")
+        check_ns_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One Muon step; ``closure`` (optional) re-evaluates the model and returns the loss."""
+        self._check_all_groups()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        split = self._split()
+        check_gradients([(i, p, p.grad) for _, mats, others in split for i, p in mats + others])
+
+        for group, mats, others in split:
+            self._adamw_step(group, [p for _, p in others], self.state)
+            if not mats:
+                continue
+            mu = group["momentum"]
+            for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats]):
+                grads = [p.grad for p in bucket.params]
+                bufs = []
+                for p in bucket.params:
+                    st = self.state[p]
+                    if "momentum_buffer" not in st:
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    bufs.append(st["momentum_buffer"])
+                torch._foreach_lerp_(bufs, grads, 1.0 - mu)
+                if group["nesterov"]:
+                    G = bucket.stack([torch.lerp(g, b, mu) for g, b in zip(grads, bufs)])
+                else:
+                    G = bucket.stack(bufs)
+                O = lk.newton_schulz(G, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+                                     eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
+                scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
+                apply_update(bucket.params, O, group["lr"], group["weight_decay"], scale)
+        return loss
