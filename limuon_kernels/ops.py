@@ -288,5 +288,5 @@ def orthogonalize_svd(G: Tensor, rtol: float = 1e-6) -> Tensor:
     """
     _check_matrix(G, "G")
     U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-    keep = (S > rtol * S.amax(dim=-1, keepdim=True)).to(U.dtype)
+    keep = (rtol * S.amax(dim=-1, keepdim=True) < S).to(U.dtype)
     return torch.matmul(U * keep.unsqueeze(-2), Vh).to(G.dtype)
