@@ -32,12 +32,15 @@ have triton || "$PY" -m pip install -q "triton>=3.6" || echo "warning: triton co
 so=$(ls "$ROOT"/limuon_kernels/_C*.so 2>/dev/null | head -n 1 || true)
 stale=1
 if [ -n "$so" ] && [ -z "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" -type f 2>/dev/null)" ] \
-   && "$PY" -c "import limuon_kernels, sys; sys.exit(0 if limuon_kernels.HAS_C_EXT else 1)" >/dev/null 2>&1; then
+   && (cd / && "$PY" -c "import limuon, limuon_kernels, sys; sys.exit(0 if limuon_kernels.HAS_C_EXT else 1)") \
+      >/dev/null 2>&1; then
   stale=0
 fi
+# Test tools (the `test` extra). A GPU machine without network already has pytest and numpy.
+have pytest && have numpy || "$PY" -m pip install -q pytest numpy
+have ruff || "$PY" -m pip install -q ruff || echo "warning: ruff could not be installed" >&2
 if [ "$stale" = 1 ]; then
-  extras=""
-  have pytest && have numpy && have ruff || extras="[test]"
-  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation -e ".$extras")
+  # --no-deps: torch and the test tools are already in place (see above); the build must not pull a new torch.
+  (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
 fi
-"$PY" -c "import limuon_kernels as lk; print('limuon-kernels', lk.__version__, '| backends:', lk.available_backends())"
+(cd / && "$PY" -c "import limuon_kernels as lk; print('limuon-kernels', lk.__version__, '| backends:', lk.available_backends())")
