@@ -229,7 +229,7 @@ class HybridOptimizer(Optimizer):
         """torch.optim.AdamW's update (decoupled weight decay, bias correction), for ``params``."""
         if not params:
             return
-        lr = group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"]
+        lr = float(group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"])
         wd = group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"]
         beta1, beta2 = group["adamw_betas"]
         eps = group["adamw_eps"]

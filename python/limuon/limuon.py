@@ -287,7 +287,7 @@ class LiMuon(HybridOptimizer):
         # 3. Step counts, then the parameter update (recording it first in exact mode).
         for st in states:
             st["step"] = st.get("step", torch.tensor(0.0)) + 1
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
         scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
         if mode == "exact":
             for p, o, st in zip(params, O.unbind(0), states):

@@ -104,5 +104,5 @@ class Muon(HybridOptimizer):
                 O = lk.newton_schulz(G, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
                                      eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
                 scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
-                apply_update(bucket.params, O, group["lr"], group["weight_decay"], scale)
+                apply_update(bucket.params, O, float(group["lr"]), float(group["weight_decay"]), scale)
         return loss
