@@ -30,10 +30,15 @@ Example (a module's tail)::
     ]
 
 Type strings are Triton's: ``*fp32``, ``*bf16``, ``*fp16``, ``*i32``, ``i32``, ``i64``, ``fp32``,
-``i1``, .... Pointer arguments are compiled as 16-byte aligned (as torch allocations are, and as
-the JIT assumes for them). Use the dtypes the GPU path really launches with (bf16 NS inputs, fp32
-state). A config may also be written as a plain dict
+``i1``, .... An argument may also be listed as ``"constexpr"`` in ``signature`` if its value is in
+the constexprs. Pointer arguments are compiled as 16-byte aligned (as torch allocations are, and as
+the JIT specialises them); integer arguments named in ``divisible_by_16`` are compiled as multiples
+of 16 (only where every real launch passes one). Use the dtypes the GPU path really launches with
+(bf16 NS inputs, fp32 state). A config may also be written as a plain dict
 ``dict(constexprs={...}, num_warps=4, num_stages=3)``; ``KernelTarget`` normalises it.
+
+``as_kernel_target`` also accepts the flat one-config dict
+``{"name", "fn", "signature", "constexprs", "num_warps", "num_stages", "divisible_by_16"}``.
 """
 
 from __future__ import annotations
@@ -83,12 +88,36 @@ class KernelTarget:
     signature: Mapping[str, str | int]
     configs: Sequence[KernelConfig | Mapping[str, Any]]
     constexprs: Mapping[str, Any] = field(default_factory=dict)
+    divisible_by_16: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         configs = tuple(c if isinstance(c, KernelConfig) else KernelConfig(**c) for c in self.configs)
         object.__setattr__(self, "configs", configs)
         if not configs:
             raise ValueError(f"KernelTarget {self.name!r} has no configs")
+        fn = self.fn
+        while hasattr(fn, "fn") and not hasattr(fn, "cache_key"):  # an Autotuner/Heuristics wrapper
+            fn = fn.fn
+        object.__setattr__(self, "fn", fn)
 
     def all_constexprs(self, config: KernelConfig) -> dict[str, Any]:
         return {**self.constexprs, **config.constexprs}
+
+
+def as_kernel_target(entry: KernelTarget | Mapping[str, Any]) -> KernelTarget:
+    """``entry`` itself, or a ``KernelTarget`` built from the flat one-config dict form."""
+    if isinstance(entry, KernelTarget):
+        return entry
+    if not isinstance(entry, Mapping) or "fn" not in entry:
+        raise TypeError(f"a COMPILE_TARGETS entry must be a KernelTarget, got {type(entry).__name__}")
+    constexprs = dict(entry.get("constexprs", {}))
+    signature = {a: t for a, t in entry["signature"].items() if not (t == "constexpr" or a in constexprs)}
+    pointers = {a for a, t in signature.items() if isinstance(t, str) and t.startswith("*")}
+    config = KernelConfig(constexprs, num_warps=entry.get("num_warps", 4), num_stages=entry.get("num_stages", 3))
+    return KernelTarget(
+        entry.get("name", getattr(entry["fn"], "__name__", "?")),
+        entry["fn"],
+        signature,
+        [config],
+        divisible_by_16=tuple(a for a in entry.get("divisible_by_16", ()) if a not in pointers),
+    )
