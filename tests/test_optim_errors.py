@@ -1,0 +1,247 @@
+"""Bad input to limuon.LiMuon and limuon.Muon: invalid hyperparameters, non-finite, sparse and complex
+gradients, exact mode without a closure. A refused step must leave parameters and state untouched."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+from limuon_reference import ReferenceLiMuon
+from optim_helpers import (
+    assert_trajectory_close,
+    make_batch,
+    make_closure,
+    make_grad_fn,
+    make_model,
+    one_thread,
+    reference_groups,
+    snapshot,
+)
+from torch import nn
+
+import limuon
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
+def _params():
+    return [nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(6))]
+
+
+LIMUON_BAD = [
+    ("lr", -1e-3),
+    ("momentum", 0.0),
+    ("momentum", 1.0),
+    ("momentum", -0.5),
+    ("momentum", 1.5),
+    ("rank", 0),
+    ("rank", -2),
+    ("oversample", -1),
+    ("power_iters", -1),
+    ("variance_reduction", "storm"),
+    ("gamma", -0.25),
+    ("gamma", 1.5),
+    ("orthogonalizer", "qr"),
+    ("ns_steps", 0),
+    ("ns_coefficients", "bogus"),
+    ("eps", -1e-7),
+    ("weight_decay", -0.1),
+    ("adjust_lr_fn", "sqrt"),
+    ("adamw_lr", -0.5),
+    ("adamw_betas", (1.0, 0.95)),
+    ("adamw_betas", (0.9, -0.25)),
+    ("adamw_eps", -1e-8),
+    ("adamw_weight_decay", -0.75),
+]
+
+MUON_BAD = [
+    ("lr", -1e-3),
+    ("weight_decay", -0.1),
+    ("momentum", -0.5),
+    ("ns_steps", 0),
+    ("eps", -1e-7),
+    ("adjust_lr_fn", "sqrt"),
+    ("adamw_lr", -0.5),
+    ("adamw_betas", (0.9, 1.5)),
+    ("adamw_eps", -1e-8),
+    ("adamw_weight_decay", -0.75),
+]
+
+
+def _bad_value_token(value) -> str:
+    """The part of the value the message must show: the offending entry of a pair."""
+    if isinstance(value, tuple):
+        value = next(v for v in value if not 0.0 <= v < 1.0)
+    return str(value)
+
+
+def _check_message(exc: Exception, name: str, value) -> None:
+    msg = str(exc)
+    assert name in msg, f"message does not name {name!r}: {msg}"
+    assert _bad_value_token(value) in msg, f"message does not show the value {value!r}: {msg}"
+
+
+@pytest.mark.parametrize("name,value", LIMUON_BAD, ids=lambda v: str(v))
+def test_limuon_rejects_bad_hyperparameter(name, value):
+    with pytest.raises(ValueError) as info:
+        limuon.LiMuon(_params(), **{name: value})
+    _check_message(info.value, name, value)
+
+
+@pytest.mark.parametrize("name,value", LIMUON_BAD, ids=lambda v: str(v))
+def test_limuon_rejects_bad_hyperparameter_in_group(name, value):
+    with pytest.raises(ValueError) as info:
+        limuon.LiMuon([{"params": _params()[:1]}, {"params": _params()[1:], name: value}])
+    _check_message(info.value, name, value)
+
+
+@pytest.mark.parametrize("name,value", MUON_BAD, ids=lambda v: str(v))
+def test_muon_rejects_bad_hyperparameter(name, value):
+    with pytest.raises(ValueError) as info:
+        limuon.Muon(_params(), **{name: value})
+    _check_message(info.value, name, value)
+
+
+def test_exact_mode_without_closure():
+    params = _params()
+    opt = limuon.LiMuon(params, variance_reduction="exact")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(Exception, match=r"closure") as info:
+        opt.step()
+    assert "approx" in str(info.value)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+
+
+# -- non-finite gradients -------------------------------------------------------------------------
+
+
+def _equal_nested(a, b) -> bool:
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _poison(model, name: str, value: float):
+    """A closure whose gradients of ``name`` get one non-finite entry (on every call)."""
+    closure = make_closure(model, make_batch())
+
+    def poisoned():
+        loss = closure()
+        dict(model.named_parameters())[name].grad.view(-1)[3] = value
+        return loss
+
+    return poisoned
+
+
+def _message_names(exc: Exception, index: int, shape) -> None:
+    msg = str(exc)
+    assert re.search(rf"(?<!\d){index}(?!\d)", msg), f"message does not give index {index}: {msg}"
+    assert re.search(r"\D+".join(str(s) for s in shape), msg), f"message does not give shape {shape}: {msg}"
+    assert re.search(r"finite", msg, re.I), f"message does not say the gradient is not finite: {msg}"
+
+
+# (name, index in model.parameters(), shape): a matrix, a conv weight, a vector (AdamW)
+POISON_TARGETS = [("img.weight", 9, (16, 96)), ("conv.weight", 7, (24, 2, 3, 3)), ("conv.bias", 8, (24,))]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("target", POISON_TARGETS, ids=lambda t: t[0])
+@pytest.mark.parametrize("optimizer", ["limuon-exact", "limuon-approx", "limuon-none", "muon"])
+def test_non_finite_gradient_changes_nothing(optimizer, target, value):
+    name, index, shape = target
+    model = make_model()
+    assert [n for n, _ in model.named_parameters()].index(name) == index
+    if optimizer == "muon":
+        opt = limuon.Muon(model.parameters(), lr=0.05)
+    else:
+        mode = optimizer.split("-")[1]
+        opt = limuon.LiMuon(model.parameters(), lr=0.05, variance_reduction=mode, rank=3)
+    closure = make_closure(model, make_batch())
+    for _ in range(2):
+        opt.step(closure)
+    params = snapshot(model)
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(Exception) as info:
+        opt.step(_poison(model, name, value))
+    _message_names(info.value, index, shape)
+    assert all(torch.equal(p.detach(), params[n]) for n, p in model.named_parameters()), "params changed"
+    assert _equal_nested(opt.state_dict(), state), "optimizer state changed"
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_non_finite_only_at_previous_iterate(rank):
+    """Exact mode: the gradient at W_k is finite, the one at W_{k−1} (second closure call) is not.
+    The step must be refused with W_k and the state intact; training then continues exactly as a run
+    that never saw the bad batch (checked against the reference)."""
+    model = make_model()
+    init = snapshot(model)
+    batch = make_batch()
+    kw = dict(lr=0.05, momentum=0.9, variance_reduction="exact", orthogonalizer="svd", rank=rank, oversample=15)
+    opt = limuon.LiMuon(model.parameters(), **kw)
+    ref_groups, names = reference_groups(model, model.parameters())
+    ref = ReferenceLiMuon(ref_groups, **kw)
+    grad_fn = make_grad_fn(model, batch, names)
+    calls = [0]
+    closure = make_closure(model, batch, calls)
+    for _ in range(2):
+        opt.step(closure)
+        ref.step(grad_fn)
+
+    def second_call_poisoned():
+        loss = closure()
+        if calls[0] == 5:  # 1 call in step 1, 2 in step 2; this step's second call is the 5th
+            model.mix.weight.grad[0, 0] = float("nan")
+        return loss
+
+    params = snapshot(model)
+    state = copy.deepcopy(opt.state_dict())
+    with pytest.raises(Exception) as info:
+        opt.step(second_call_poisoned)
+    assert calls[0] == 5, f"{calls[0]} closure calls"
+    _message_names(info.value, 5, (16, 123))
+    assert all(torch.equal(p.detach(), params[n]) for n, p in model.named_parameters()), "params changed"
+    assert _equal_nested(opt.state_dict(), state), "optimizer state changed"
+    for _ in range(2):
+        opt.step(closure)
+        ref.step(grad_fn)
+    assert_trajectory_close(model, ref.params, names, init, 1e-2, "after a refused step")
+
+
+# -- sparse and complex ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("optimizer", ["limuon", "muon"])
+def test_sparse_gradient_rejected(optimizer):
+    emb = nn.Embedding(10, 4, sparse=True)
+    cls = limuon.LiMuon if optimizer == "limuon" else limuon.Muon
+    kw = {"variance_reduction": "approx"} if optimizer == "limuon" else {}
+    before = emb.weight.detach().clone()
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=r"(?i)sparse"):
+        opt = cls(emb.parameters(), **kw)
+        emb(torch.tensor([1, 2, 3])).sum().backward()
+        opt.step()
+    assert torch.equal(emb.weight.detach(), before)
+
+
+@pytest.mark.parametrize("optimizer", ["limuon", "muon"])
+@pytest.mark.parametrize("shape", [(3, 4), (5,)], ids=str)
+def test_complex_rejected(optimizer, shape):
+    p = nn.Parameter(torch.randn(*shape, dtype=torch.complex64))
+    cls = limuon.LiMuon if optimizer == "limuon" else limuon.Muon
+    kw = {"variance_reduction": "approx"} if optimizer == "limuon" else {}
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=r"(?i)complex"):
+        opt = cls([p], **kw)
+        p.grad = torch.ones_like(p)
+        opt.step()
