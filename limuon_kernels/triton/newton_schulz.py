@@ -239,8 +239,10 @@ def _interpreted() -> bool:
 
 
 def _arch_key(device: torch.device) -> int:
+    # the sm_90 list needs up to 147 KB of shared memory: H100/H200 and B200 (major 9, 10) have 227 KB;
+    # Ampere, Ada and consumer Blackwell (major 12, ~100 KB) get the lean list
     major, _ = torch.cuda.get_device_capability(device)
-    return 90 if major >= 9 else 80
+    return 90 if major in (9, 10) else 80
 
 
 @functools.cache
