@@ -13,7 +13,8 @@ the implementation with ``backend.resolve(device)``: ``"torch"`` calls the refer
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -43,13 +44,21 @@ torch.library.define(
     "limuon::lowrank_axpby", "(Tensor U, Tensor S, Tensor V, Tensor g, float alpha, float beta) -> Tensor"
 )
 
-for _name in ("newton_schulz", "rsvd", "storm_update_", "mars_update_", "lowrank_storm", "lowrank_axpby"):
+torch.library.define("limuon::gaussian_sketch", "(int n, int k, int seed, Device device) -> Tensor")
+
+_OPS = ("gaussian_sketch", "newton_schulz", "rsvd", "storm_update_", "mars_update_", "lowrank_storm", "lowrank_axpby")
+for _name in _OPS:
     torch.library.impl(f"limuon::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
 
 
 @torch.library.register_fake("limuon::newton_schulz")
 def _newton_schulz_fake(G, coefficients, eps, norm_scale, compute_dtype):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("limuon::gaussian_sketch")
+def _gaussian_sketch_fake(n, k, seed, device):
+    return torch.empty((n, k), dtype=torch.float32, device=device)
 
 
 @torch.library.register_fake("limuon::rsvd")
@@ -86,28 +95,29 @@ def _lowrank_axpby_fake(U, S, V, g, alpha, beta):
 # -- argument checks ------------------------------------------------------------------------------
 
 
+# Plain `if ...: raise` with eagerly built messages: torch._check's message lambdas would close over
+# tensors, which Dynamo cannot trace (every op call would become a graph break under torch.compile).
+
+
 def _check_float(t: Tensor, name: str) -> None:
-    torch._check(
-        t.dtype in _FLOAT_DTYPES,
-        lambda: f"{name} must be a float32, float64, bfloat16 or float16 tensor, got {t.dtype}",
-    )
+    if t.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"{name} must be a float32, float64, bfloat16 or float16 tensor, got {t.dtype}")
 
 
 def _check_matrix(t: Tensor, name: str) -> None:
     _check_float(t, name)
-    torch._check(t.dim() >= 2, lambda: f"{name} must have shape (..., m, n), got {tuple(t.shape)}")
-    torch._check(t.numel() > 0, lambda: f"{name} must not be empty, got shape {tuple(t.shape)}")
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (..., m, n), got {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
 
 
 def _check_same(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
     _check_float(t, name)
-    torch._check(
-        t.shape == ref.shape,
-        lambda: f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}",
-    )
-    torch._check(
-        t.device == ref.device, lambda: f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}"
-    )
+    if t.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}")
+    if t.device != ref.device:
+        raise ValueError(f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
 
 
 def _check_lowrank(U: Tensor, S: Tensor, V: Tensor, g: Tensor, g_name: str) -> None:
@@ -116,16 +126,12 @@ def _check_lowrank(U: Tensor, S: Tensor, V: Tensor, g: Tensor, g_name: str) -> N
     r = S.shape[-1] if S.dim() >= 1 else -1
     for t, name, shape in ((U, "U", (*lead, m, r)), (S, "S", (*lead, r)), (V, "V", (*lead, n, r))):
         _check_float(t, name)
-        torch._check(
-            tuple(t.shape) == tuple(shape),
-            lambda t=t, name=name, shape=shape: (
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
                 f"{name} must have shape {tuple(shape)} to match {g_name} {tuple(g.shape)}, got {tuple(t.shape)}"
-            ),
-        )
-        torch._check(
-            t.device == g.device,
-            lambda t=t, name=name: f"{name} must be on {g_name}'s device {g.device}, got {t.device}",
-        )
+            )
+        if t.device != g.device:
+            raise ValueError(f"{name} must be on {g_name}'s device {g.device}, got {t.device}")
 
 
 def _check_scalar(value: float, name: str, low: float | None = None, high: float | None = None) -> None:
@@ -204,6 +210,17 @@ def derive_seed(*keys: int) -> int:
     return h >> 1
 
 
+def _is_index(x: object) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
 def rsvd(
     M: Tensor,
     rank: int,
@@ -228,12 +245,14 @@ def rsvd(
             raise ValueError(f"Invalid {name}: {value!r}; expected an integer >= {low}")
     if rank > min(m, n):
         raise ValueError(f"Invalid rank: {rank}; must be at most min(m, n) = {min(m, n)} for M of shape {(m, n)}")
-    if isinstance(seed, int):
-        seeds = [derive_seed(seed, i) for i in range(batch)]
-    else:
-        seeds = [int(s) for s in seed]
+    if _is_index(seed):
+        seeds = [derive_seed(operator.index(seed), i) for i in range(batch)]
+    elif isinstance(seed, Iterable) and not isinstance(seed, (str, bytes)) and all(_is_index(s) for s in seed):
+        seeds = [operator.index(s) for s in seed]
         if len(seeds) != batch:
             raise ValueError(f"Invalid seed: {len(seeds)} seeds given for a batch of {batch} matrices")
+    else:
+        raise ValueError(f"Invalid seed: {seed!r}; expected an int or a sequence of one int per matrix")
     if any(s < 0 or s >= 1 << 63 for s in seeds):
         raise ValueError("Invalid seed: seeds must be in [0, 2**63)")
     return _call("rsvd", M.device, M, rank, oversample, power_iters, seeds)

@@ -98,14 +98,12 @@ class LiMuon(HybridOptimizer):
         seed: int = 0,
         ns_compute_dtype: torch.dtype | None = None,
     ) -> None:
-        check_int("seed", seed, 0)
-        self.seed = seed
         defaults = dict(
             lr=lr, momentum=momentum, rank=rank, oversample=oversample, power_iters=power_iters,
             variance_reduction=variance_reduction, gamma=gamma, orthogonalizer=orthogonalizer,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, weight_decay=weight_decay,
             adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, algorithm=None,
+            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, seed=seed, algorithm=None,
         )
         super().__init__(params, defaults)
 
@@ -119,22 +117,28 @@ class LiMuon(HybridOptimizer):
         check_choice("variance_reduction", group["variance_reduction"], VARIANCE_REDUCTIONS)
         check_number("gamma", group["gamma"], 0.0, 1.0)
         check_choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
+        check_int("seed", group["seed"], 0)
         check_ns_group(group)
 
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("seed", 0)
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["limuon_seed"] = self.seed
-        return sd
+    # State whose dtype is not the parameter's: torch's load_state_dict would cast it to the
+    # parameter dtype (the bf16 restore buffer to fp32, fp32 RSVD factors to a bf16 param's dtype).
+    _OWN_DTYPE_KEYS = ("last_update", "U", "S", "V")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
-        seed = state_dict.pop("limuon_seed", self.seed)
+        kept: dict[Any, dict[str, Tensor]] = {}
+        state = {}
+        for pid, st in state_dict["state"].items():
+            st = dict(st)
+            kept[pid] = {k: st.pop(k) for k in self._OWN_DTYPE_KEYS if k in st}
+            state[pid] = st
+        state_dict["state"] = state
         super().load_state_dict(state_dict)
-        self.seed = seed
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for k, v in kept.get(pid, {}).items():
+                self.state[p][k] = v.to(device=p.device)
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -301,7 +305,7 @@ class LiMuon(HybridOptimizer):
 
         # 4. Keep the momentum for the next step: compressed to rank r, or dense.
         if low_rank:
-            seeds = [lk.derive_seed(self.seed, i, int(st["step"])) for i, st in zip(bucket.indices, states)]
+            seeds = [lk.derive_seed(group["seed"], i, int(st["step"])) for i, st in zip(bucket.indices, states)]
             U, S, V = lk.rsvd(buf, group["rank"], group["oversample"], group["power_iters"], seed=seeds)
             for st, u, s, v in zip(states, U.unbind(0), S.unbind(0), V.unbind(0)):
                 st["U"], st["S"], st["V"] = u.clone(), s.clone(), v.clone()
