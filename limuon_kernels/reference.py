@@ -36,8 +36,10 @@ def newton_schulz(
     transposed = m > n
     if transposed:
         X = X.mT
-    norms = torch.linalg.vector_norm(X.float(), dim=(-2, -1), keepdim=True)
-    X = (X.float() / (norms * norm_scale).clamp_min(eps)).to(dtype)
+    # Normalise in at least fp32 (fp64 input stays fp64, so an fp64 run is fp64 throughout).
+    Xf = X.to(torch.promote_types(X.dtype, torch.float32))
+    norms = torch.linalg.vector_norm(Xf, dim=(-2, -1), keepdim=True)
+    X = (Xf / (norms * norm_scale).clamp_min(eps)).to(dtype)
     for i in range(0, len(coefficients), 3):
         a, b, c = coefficients[i], coefficients[i + 1], coefficients[i + 2]
         A = torch.bmm(X, X.mT)
@@ -76,7 +78,8 @@ def rsvd(
     lead = M.shape[:-2]
     Mb = M.reshape(-1, m, n).float()
     k = min(rank + oversample, m, n)
-    omega = torch.stack([gaussian_sketch(n, k, int(s), M.device) for s in seeds])
+    # Through the op (not a direct call): a torch.Generator is opaque to torch.compile, an op is not.
+    omega = torch.stack([torch.ops.limuon.gaussian_sketch(n, k, int(s), M.device) for s in seeds])
     Y = torch.bmm(Mb, omega)
     for _ in range(power_iters):
         Q = torch.linalg.qr(Y).Q
@@ -96,9 +99,14 @@ def rsvd(
 # -- Elementwise momentum updates ----------------------------------------------------------------
 
 
+def _acc(t: Tensor) -> Tensor:
+    """``t`` in its accumulation dtype: fp32 for half types and fp32, fp64 for fp64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def storm_update_(m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> None:
-    """In place: ``m ← g_new + momentum·(m − g_old)`` (fp32 arithmetic, stored in m's dtype)."""
-    out = g_new.float() + momentum * (m.float() - g_old.float())
+    """In place: ``m ← g_new + momentum·(m − g_old)`` (fp32 or fp64 arithmetic, stored in m's dtype)."""
+    out = _acc(g_new) + momentum * (_acc(m) - _acc(g_old))
     m.copy_(out)
 
 
@@ -108,23 +116,23 @@ def mars_update_(b: Tensor, g: Tensor, momentum: float, gamma: float) -> Tensor:
         b ← μ·b + (1−γ)(1−μ)/μ · g        (in place)
         d = γ·g + μ·b                     (returned, the Newton–Schulz input, in g's dtype)
     """
-    gf = g.float()
-    b_new = momentum * b.float() + ((1.0 - gamma) * (1.0 - momentum) / momentum) * gf
+    gf = _acc(g)
+    b_new = momentum * _acc(b) + ((1.0 - gamma) * (1.0 - momentum) / momentum) * gf
     b.copy_(b_new)
-    return (gamma * gf + momentum * b_new).to(g.dtype)
+    return (gamma * gf + momentum * b_new).to(g.dtype).contiguous()
 
 
 def lowrank_product(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
     """``U diag(S) Vᵀ`` for ``U: (..., m, r)``, ``S: (..., r)``, ``V: (..., n, r)`` (fp32)."""
-    return torch.matmul(U.float() * S.float().unsqueeze(-2), V.float().mT)
+    return torch.matmul(_acc(U) * _acc(S).unsqueeze(-2), _acc(V).mT)
 
 
 def lowrank_storm(U: Tensor, S: Tensor, V: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> Tensor:
     """``g_new + momentum·(U diag(S) Vᵀ − g_old)``, returned in g_new's dtype."""
-    out = g_new.float() + momentum * (lowrank_product(U, S, V) - g_old.float())
-    return out.to(g_new.dtype)
+    out = _acc(g_new) + momentum * (lowrank_product(U, S, V) - _acc(g_old))
+    return out.to(g_new.dtype).contiguous()
 
 
 def lowrank_axpby(U: Tensor, S: Tensor, V: Tensor, g: Tensor, alpha: float, beta: float) -> Tensor:
     """``alpha·U diag(S) Vᵀ + beta·g``, returned in g's dtype."""
-    return (alpha * lowrank_product(U, S, V) + beta * g.float()).to(g.dtype)
+    return (alpha * lowrank_product(U, S, V) + beta * _acc(g)).to(g.dtype).contiguous()
