@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 import warnings
 
 from setuptools import setup
@@ -26,12 +27,28 @@ def _flag(name: str) -> bool:
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _cpu_isa_flags(torch) -> list[str]:
+    """Compile ATen's AVX2 vector code when the building machine has AVX2 (``LIMUON_CPU_BASELINE=1`` opts out).
+
+    Without ``CPU_CAPABILITY_AVX2``, ``at::vec::Vectorized`` is a portable array type that the compiler
+    vectorises only sometimes (the low-rank epilogue stayed scalar) and its bf16/fp16 conversions go
+    element by element. Like torchao's CPU kernels we build for the machine that compiles, so a build
+    made with these flags needs an AVX2 CPU; ``CPU_CAPABILITY=AVX2`` names the inline namespace as ATen's
+    own AVX2 kernels do, so shared template instances are the same code.
+    """
+    if _flag("LIMUON_CPU_BASELINE") or os.name == "nt" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return []
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+
+
 def get_extensions_and_cmdclass() -> tuple[list, dict]:
     if _flag("LIMUON_SKIP_EXT"):
         warnings.warn("LIMUON_SKIP_EXT=1: building limuon-kernels without its C++ extension.", stacklevel=1)
         return [], {}
     try:
-        import torch  # noqa: F401
+        import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError as exc:  # pragma: no cover - exercised only on machines without torch
         warnings.warn(
@@ -47,6 +64,14 @@ def get_extensions_and_cmdclass() -> tuple[list, dict]:
     cxx_flags = ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"] if os.name != "nt" else ["/O2"]
     if _flag("LIMUON_DEBUG"):
         cxx_flags = ["-O0", "-g"]
+    if os.name != "nt":
+        # No fused multiply-adds the source does not ask for: the kernels round after every operation,
+        # as the eager reference does, so their fp32/bf16/fp16 results match it bit for bit.
+        cxx_flags += ["-ffp-contract=off", *_cpu_isa_flags(torch)]
+    # _C.TORCH_VERSION, checked at import against the running torch. Unquoted (csrc/module.cpp
+    # stringifies it): a quoted define survives either the shell ninja runs commands in or a build
+    # without one, never both. PEP 440 versions hold no character the shell would interpret.
+    cxx_flags.append(f"-DLIMUON_TORCH_VERSION={torch.__version__}")
     ext = CppExtension(
         name="limuon_kernels._C",
         sources=sources,
@@ -58,12 +83,14 @@ def get_extensions_and_cmdclass() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = get_extensions_and_cmdclass()
+with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
+    long_description = readme.read()
 
 setup(
     name="limuon-kernels",
     version=VERSION,
     description="Fast LiMuon and Muon optimizers for PyTorch: fused Triton and C++ kernels",
-    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
