@@ -1,0 +1,283 @@
+"""Elementwise momentum updates of LiMuon in one pass: STORM (exact mode) and MARS (approx mode).
+
+Each kernel reads its inputs once, updates the momentum buffer in place, and (``WRITE_NS``)
+also writes the Newton–Schulz input in bf16 and one partial ``‖M‖²`` per program, so the
+optimizer's GPU path needs no further pass before Newton–Schulz. A whole stacked group
+``(B, m, n)`` is one launch; offsets are int64; arithmetic is fp32 whatever the storage dtype.
+
+Launchers with the reference signatures (``storm_update_``, ``mars_update_``) are autotuned over
+``_CONFIGS``. The fused ``*_ns_input`` launchers run one fixed config (``_NS_CONFIG``) so that the
+per-matrix sums of squares are reduced in the same order every run: an autotuner may pick a
+different block size from one run to the next, and the norm feeds Newton–Schulz.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from limuon_kernels.triton._compile_targets import KernelConfig, KernelTarget
+from limuon_kernels.triton._utils import (
+    acc_dtype,
+    cast_for_store,
+    dtype_name,
+    launch_tuned,
+    ptr,
+    scalar_arg,
+    split_scalar,
+)
+
+# Memory-bound kernels: 8–16 elements per thread keeps 128-bit accesses and enough bytes in
+# flight on H100/H200 (and on A100, sm_80, where the same configs compile).
+_CONFIGS = [
+    triton.Config({"BLOCK_SIZE": 1024}, num_warps=4, num_stages=1),
+    triton.Config({"BLOCK_SIZE": 2048}, num_warps=8, num_stages=1),
+    triton.Config({"BLOCK_SIZE": 4096}, num_warps=8, num_stages=1),
+]
+_NS_CONFIG = {"BLOCK_SIZE": 2048, "num_warps": 8, "num_stages": 1}
+
+
+@triton.jit
+def _storm_kernel(
+    m_ptr,
+    g_new_ptr,
+    g_old_ptr,
+    ns_ptr,
+    partial_ptr,
+    mat_numel,
+    mu_hi,
+    mu_mid,
+    mu_lo,
+    WRITE_NS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # Program pid covers block `blk` of matrix `b`; a block never straddles two matrices, so its
+    # sum of squares belongs to one of them. (Without WRITE_NS the whole tensor is one "matrix".)
+    pid = tl.program_id(0)
+    blocks_per_mat = tl.cdiv(mat_numel, BLOCK_SIZE)
+    b = pid // blocks_per_mat
+    local = (pid - b * blocks_per_mat).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = local < mat_numel
+    offs = b.to(tl.int64) * mat_numel + local
+    mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
+    # Upcast right after the load: the interpreter holds bf16 as raw uint16 (DESIGN.md §6).
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g_new = tl.load(g_new_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g_old = tl.load(g_old_ptr + offs, mask=mask, other=0.0).to(ACC)
+    out = g_new + mu * (m - g_old)
+    tl.store(m_ptr + offs, cast_for_store(out, m_ptr.dtype.element_ty), mask=mask)
+    if WRITE_NS:
+        tl.store(ns_ptr + offs, cast_for_store(out, ns_ptr.dtype.element_ty), mask=mask)
+        sq = tl.sum(tl.where(mask, out * out, 0.0), axis=0)
+        tl.store(partial_ptr + pid, cast_for_store(sq, partial_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _mars_kernel(
+    b_ptr,
+    g_ptr,
+    d_ptr,
+    partial_ptr,
+    mat_numel,
+    mu_hi,
+    mu_mid,
+    mu_lo,
+    coef_hi,
+    coef_mid,
+    coef_lo,
+    gamma_hi,
+    gamma_mid,
+    gamma_lo,
+    WRITE_NS: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    # b ← μ·b + coef·g with coef = (1−γ)(1−μ)/μ (computed on the host in double, as the reference
+    # does); d = γ·g + μ·b from b before it is rounded to b's dtype.
+    pid = tl.program_id(0)
+    blocks_per_mat = tl.cdiv(mat_numel, BLOCK_SIZE)
+    bi = pid // blocks_per_mat
+    local = (pid - bi * blocks_per_mat).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = local < mat_numel
+    offs = bi.to(tl.int64) * mat_numel + local
+    mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
+    coef = scalar_arg(coef_hi, coef_mid, coef_lo, ACC)
+    gamma = scalar_arg(gamma_hi, gamma_mid, gamma_lo, ACC)
+    buf = tl.load(b_ptr + offs, mask=mask, other=0.0).to(ACC)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(ACC)
+    buf = mu * buf + coef * g
+    d = gamma * g + mu * buf
+    tl.store(b_ptr + offs, cast_for_store(buf, b_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptr + offs, cast_for_store(d, d_ptr.dtype.element_ty), mask=mask)
+    if WRITE_NS:
+        sq = tl.sum(tl.where(mask, d * d, 0.0), axis=0)
+        tl.store(partial_ptr + pid, cast_for_store(sq, partial_ptr.dtype.element_ty))
+
+
+_storm_tuned = triton.autotune(configs=_CONFIGS, key=["mat_numel"], restore_value=["m_ptr"])(_storm_kernel)
+_mars_tuned = triton.autotune(configs=_CONFIGS, key=["mat_numel"], restore_value=["b_ptr"])(_mars_kernel)
+
+
+# -- launchers ------------------------------------------------------------------------------------
+
+
+def _check_like(t: Tensor, ref: Tensor, name: str, ref_name: str) -> None:
+    torch._check(
+        t.shape == ref.shape,
+        lambda: f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(t.shape)}",
+    )
+    torch._check(t.device == ref.device, lambda: f"{name} must be on {ref_name}'s device {ref.device}, got {t.device}")
+
+
+def _check_momentum(momentum: float) -> None:
+    torch._check(momentum != 0.0, lambda: "momentum must be nonzero: the MARS update divides by it")
+
+
+def _run(kernel, tuned, state: Tensor, inputs: tuple[Tensor, ...], outs: tuple[Tensor, ...], scalars, ns=None):
+    """Launch ``kernel(state, *inputs, *outs, mat_numel, *split scalars)`` over ``state``.
+
+    ``state`` (updated in place) may be non-contiguous: the kernel then works on a contiguous copy
+    that is copied back. Without ``ns`` the whole tensor is one flat range, autotuned; with ``ns =
+    (ns_tensor, partials)`` the kernel also writes the NS input and one partial ‖·‖² per block of
+    each matrix, with the fixed ``_NS_CONFIG``.
+    """
+    work = state if state.is_contiguous() else state.contiguous()
+    inputs = tuple(t.contiguous() for t in inputs)
+    split = [part for x in scalars for part in split_scalar(float(x))]
+    acc = acc_dtype(state, *inputs)
+    if ns is None:
+        n = work.numel()
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_SIZE"]),)  # noqa: E731
+        launch_tuned(tuned, grid, work, *inputs, *outs, n, *split, WRITE_NS=False, ACC=acc)
+    else:
+        partials = ns[1]
+        mat_numel = state.shape[-2] * state.shape[-1]
+        kernel[(partials.numel(),)](work, *inputs, *ns, mat_numel, *split, WRITE_NS=True, ACC=acc, **_NS_CONFIG)
+    if work is not state:
+        state.copy_(work)
+
+
+def _ns_buffers(t: Tensor, name: str, ns_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The NS input (t's shape, ``ns_dtype``) and the ``(B, blocks per matrix)`` fp32 partial sums."""
+    torch._check(t.dim() >= 2, lambda: f"{name} must have shape (..., m, n), got {tuple(t.shape)}")
+    mat_numel = t.shape[-2] * t.shape[-1]
+    batch = t.numel() // mat_numel if mat_numel else 0
+    blocks = triton.cdiv(mat_numel, _NS_CONFIG["BLOCK_SIZE"])
+    ns = torch.empty(t.shape, dtype=ns_dtype, device=t.device)
+    return ns, torch.empty(batch, blocks, dtype=torch.float32, device=t.device)  # each block writes its slot
+
+
+def storm_update_(m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> None:
+    """In place, one pass: ``m ← g_new + momentum·(m − g_old)`` (fp32 arithmetic, fp64 if an input is
+    fp64; stored in m's dtype)."""
+    _check_like(g_new, m, "g_new", "m")
+    _check_like(g_old, m, "g_old", "m")
+    if m.numel():
+        # ns_ptr/partial_ptr are unused without WRITE_NS; any pointer does.
+        _run(_storm_kernel, _storm_tuned, m, (g_new, g_old), (m, m), (momentum,))
+
+
+def mars_update_(b: Tensor, g: Tensor, momentum: float, gamma: float) -> Tensor:
+    """``b ← μ·b + (1−γ)(1−μ)/μ·g`` in place; returns ``d = γ·g + μ·b`` in g's dtype (contiguous)."""
+    _check_like(g, b, "g", "b")
+    _check_momentum(momentum)
+    d = torch.empty(g.shape, dtype=g.dtype, device=g.device)
+    if b.numel():
+        coef = (1.0 - gamma) * (1.0 - momentum) / momentum
+        _run(_mars_kernel, _mars_tuned, b, (g,), (d, d), (momentum, coef, gamma))
+    return d
+
+
+def storm_update_ns_input(
+    m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float, ns_dtype: torch.dtype = torch.bfloat16
+) -> tuple[Tensor, Tensor]:
+    """``storm_update_`` that also emits what Newton–Schulz needs, in the same pass.
+
+    ``m: (..., r, c)`` is updated in place as in ``storm_update_``. Returns ``ns_input``, the new
+    ``m`` in ``ns_dtype`` (contiguous, m's shape), and ``sq_norms: (B,)`` fp32, ``B = m.numel() //
+    (r·c)``, the squared Frobenius norm of each matrix of the new ``m`` (of its values before
+    rounding to m's dtype). The norms are deterministic: fixed block size, fixed-order sum.
+    """
+    _check_like(g_new, m, "g_new", "m")
+    _check_like(g_old, m, "g_old", "m")
+    ns, partials = _ns_buffers(m, "m", ns_dtype)
+    if m.numel():
+        _run(_storm_kernel, _storm_tuned, m, (g_new, g_old), (), (momentum,), ns=(ns, partials))
+    return ns, partials.sum(dim=1)
+
+
+def mars_update_ns_input(
+    b: Tensor, g: Tensor, momentum: float, gamma: float, ns_dtype: torch.dtype = torch.bfloat16
+) -> tuple[Tensor, Tensor]:
+    """``mars_update_`` whose output ``d`` goes straight to the Newton–Schulz input.
+
+    Updates ``b`` in place; returns ``ns_input = d`` in ``ns_dtype`` (contiguous, b's shape) and
+    ``sq_norms: (B,)`` fp32, the squared Frobenius norm of each matrix of ``d`` (before rounding).
+    """
+    _check_like(g, b, "g", "b")
+    _check_momentum(momentum)
+    ns, partials = _ns_buffers(b, "b", ns_dtype)
+    if b.numel():
+        coef = (1.0 - gamma) * (1.0 - momentum) / momentum
+        _run(_mars_kernel, _mars_tuned, b, (g,), (), (momentum, coef, gamma), ns=(ns, partials))
+    return ns, partials.sum(dim=1)
+
+
+# -- ahead-of-time compile targets (format: limuon_kernels/triton/_compile_targets.py) ------------
+
+
+def _targets() -> list[KernelTarget]:
+    # fp32 state (m, b) with fp32 or bf16 gradients, and all-fp64 (fp64 arithmetic); the unused
+    # pointers are what the launchers pass.
+    tuned = [KernelConfig({"BLOCK_SIZE": c.kwargs["BLOCK_SIZE"]}, c.num_warps, c.num_stages) for c in _CONFIGS]
+    fixed = [KernelConfig({"BLOCK_SIZE": _NS_CONFIG["BLOCK_SIZE"]}, _NS_CONFIG["num_warps"], _NS_CONFIG["num_stages"])]
+    f32, bf16 = ptr(torch.float32), ptr(torch.bfloat16)
+
+    def split(*names: str) -> dict[str, str]:
+        return {f"{x}_{part}": "fp32" for x in names for part in ("hi", "mid", "lo")}
+
+    targets = []
+    for state_dtype, g_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float64,) * 2):
+        st, g = ptr(state_dtype), ptr(g_dtype)
+        acc = tl.float64 if state_dtype == torch.float64 else tl.float32
+        tag = f"state={dtype_name(state_dtype)},g={dtype_name(g_dtype)}"
+        storm_args = {"m_ptr": st, "g_new_ptr": g, "g_old_ptr": g}
+        storm_scalars = {"mat_numel": "i32", **split("mu")}
+        mars_scalars = {"mat_numel": "i32", **split("mu", "coef", "gamma")}
+        targets += [
+            KernelTarget(
+                f"storm_update[{tag}]",
+                _storm_kernel,
+                {**storm_args, "ns_ptr": st, "partial_ptr": st, **storm_scalars},
+                tuned,
+                {"WRITE_NS": False, "ACC": acc},
+            ),
+            KernelTarget(
+                f"storm_update_ns_input[{tag}]",
+                _storm_kernel,
+                {**storm_args, "ns_ptr": bf16, "partial_ptr": f32, **storm_scalars},
+                fixed,
+                {"WRITE_NS": True, "ACC": acc},
+            ),
+            KernelTarget(
+                f"mars_update[{tag}]",
+                _mars_kernel,
+                {"b_ptr": st, "g_ptr": g, "d_ptr": g, "partial_ptr": g, **mars_scalars},
+                tuned,
+                {"WRITE_NS": False, "ACC": acc},
+            ),
+            KernelTarget(
+                f"mars_update_ns_input[{tag}]",
+                _mars_kernel,
+                {"b_ptr": st, "g_ptr": g, "d_ptr": bf16, "partial_ptr": f32, **mars_scalars},
+                fixed,
+                {"WRITE_NS": True, "ACC": acc},
+            ),
+        ]
+    return targets
+
+
+COMPILE_TARGETS: list[KernelTarget] = _targets()
