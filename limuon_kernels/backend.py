@@ -4,7 +4,8 @@ Backends:
   * ``"torch"``  – the plain-PyTorch reference kernels (``reference.py``); every device.
   * ``"cpp"``    – the fused C++ kernels of ``limuon_kernels._C``; CPU tensors.
   * ``"triton"`` – the fused Triton kernels; CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
-  * ``"auto"``   – the fastest available for the tensor's device (the default).
+  * ``"auto"``   – the fastest available for the tensor's device (the default): ``cpp`` on CPU when
+    built, ``triton`` on CUDA when triton is installed, else ``torch``.
 
 ``set_backend`` and the environment variable ``LIMUON_BACKEND`` choose; ``set_backend`` wins.
 """
@@ -21,11 +22,20 @@ BACKENDS = ("auto", "torch", "cpp", "triton")
 _selected: str | None = None
 
 
+def triton_usable() -> bool:
+    """Triton imports and can run here: a CUDA device, or ``TRITON_INTERPRET=1`` (CPU tensors)."""
+    from limuon_kernels.triton import triton_usable as usable
+
+    return usable()
+
+
 def available_backends() -> list[str]:
     """The concrete backends usable in this process (``"torch"`` is always there)."""
     found = ["torch"]
     if _extension.HAS_C_EXT:
         found.append("cpp")
+    if triton_usable():
+        found.append("triton")
     return found
 
 
@@ -56,12 +66,22 @@ def resolve(device: torch.device) -> str:
     """The concrete backend that runs ops on tensors of ``device``."""
     name = get_backend()
     if name == "auto":
-        return "cpp" if device.type == "cpu" and _extension.HAS_C_EXT else "torch"
+        if device.type == "cpu":
+            return "cpp" if _extension.HAS_C_EXT else "torch"
+        return "triton" if device.type == "cuda" and triton_usable() else "torch"
     if name == "cpp":
         if not _extension.HAS_C_EXT:
             raise RuntimeError(f"LIMUON backend 'cpp' requested but unavailable: {_extension.LOAD_ERROR}")
         if device.type != "cpu":
             raise RuntimeError(f"LIMUON backend 'cpp' has kernels for CPU tensors only, got a {device.type} tensor")
     if name == "triton":
-        raise RuntimeError("LIMUON backend 'triton' is not available in this build")
+        if not triton_usable():
+            raise RuntimeError(
+                "LIMUON backend 'triton' requested but unavailable: it needs the triton package and a CUDA "
+                "device (or TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("LIMUON backend 'triton' runs on CPU tensors only under TRITON_INTERPRET=1")
+        if device.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"LIMUON backend 'triton' has kernels for CUDA tensors only, got a {device.type} tensor")
     return name

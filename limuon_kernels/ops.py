@@ -13,6 +13,7 @@ the implementation with ``backend.resolve(device)``: ``"torch"`` calls the refer
 
 from __future__ import annotations
 
+import importlib
 import operator
 from collections.abc import Iterable, Sequence
 
@@ -141,9 +142,45 @@ def _check_scalar(value: float, name: str, low: float | None = None, high: float
         raise ValueError(f"Invalid {name}: {value!r}; expected a finite number in [{low}, {high}]")
 
 
+# The Triton launcher of each op lives in limuon_kernels/triton/<module>.py, with the reference's signature.
+_TRITON_MODULE = {
+    "newton_schulz": "newton_schulz",
+    "rsvd": "rsvd",
+    "storm_update_": "storm",
+    "mars_update_": "storm",
+    "lowrank_storm": "lowrank",
+    "lowrank_axpby": "lowrank",
+}
+
+
+def _triton_kernel(name: str):
+    # Imported on first use: importing a kernel module must not happen before TRITON_INTERPRET is
+    # set (tests), and machines without triton never import it.
+    module = importlib.import_module(f"limuon_kernels.triton.{_TRITON_MODULE[name]}")
+    return getattr(module, name)
+
+
+def _cuda_kernel(name: str):
+    def run(*args):
+        impl = _triton_kernel(name) if backend.triton_usable() else getattr(reference, name)
+        return impl(*args)
+
+    run.__name__ = f"{name}_cuda"
+    return run
+
+
+for _name in _TRITON_MODULE:
+    torch.library.impl(f"limuon::{_name}", "CUDA")(_cuda_kernel(_name))
+
+
 def _call(name: str, device: torch.device, *args):
-    if backend.resolve(device) == "torch":
+    which = backend.resolve(device)
+    if which == "torch":
         return getattr(reference, name)(*args)
+    if which == "triton" and device.type != "cuda":
+        return _triton_kernel(name)(*args)  # CPU tensors under the Triton interpreter
+    # Through the dispatcher: the C++ kernel for CPU tensors, the Triton kernel for CUDA tensors,
+    # opaque to torch.compile either way.
     return getattr(torch.ops.limuon, name)(*args)
 
 
