@@ -256,6 +256,34 @@ class HybridOptimizer(Optimizer):
             denom = (v.sqrt() / bias2_sqrt).add_(eps)
             p.addcdiv_(m, denom, value=-lr / bias1)
 
+    # -- per-bucket stacked state -----------------------------------------------------------------
+    # The state of the matrices of one bucket lives in one (B, ...) tensor; each parameter's state
+    # entry is a view of its slice, so torch's state_dict format is unchanged while a step updates
+    # the whole bucket in one kernel launch. After load_state_dict (or when the set of parameters
+    # with gradients changes) the entries are separate tensors again and get re-stacked once.
+
+    def stacked_state(self, params: list[Tensor], name: str, slice_shape: tuple[int, ...] | None = None) -> Tensor:
+        """The (B, ...) tensor whose slice ``i`` is ``state[params[i]][name]`` (stacking once if needed)."""
+        stacks = self.__dict__.setdefault("_stacks", {})
+        stacked = stacks.get((name, tuple(id(p) for p in params)))
+        states = [self.state[p] for p in params]
+        if stacked is not None and all(st[name].data_ptr() == stacked[i].data_ptr() for i, st in enumerate(states)):
+            return stacked
+        parts = [st[name] if slice_shape is None else st[name].reshape(slice_shape) for st in states]
+        return self.adopt_stacked_state(params, name, torch.stack(parts))
+
+    def adopt_stacked_state(self, params: list[Tensor], name: str, stacked: Tensor) -> Tensor:
+        """Make slice ``i`` of ``stacked`` the state ``name`` of ``params[i]`` (a view, shaped like the
+        parameter for parameter-shaped state)."""
+        stacks = self.__dict__.setdefault("_stacks", {})
+        ids = {id(p) for p in params}
+        for key in [k for k in stacks if k[0] == name and ids.intersection(k[1])]:
+            del stacks[key]  # an older grouping of these parameters: drop it, or it stays alive
+        for p, part in zip(params, stacked.unbind(0)):
+            self.state[p][name] = part.view(p.shape) if part.numel() == p.numel() else part
+        stacks[(name, tuple(id(p) for p in params))] = stacked
+        return stacked
+
     def _check_all_groups(self) -> None:
         # Hyperparameters may have been changed since __init__ (schedulers, user code): re-check
         # before anything is modified, so a bad value fails loudly with nothing changed.

@@ -260,18 +260,19 @@ class LiMuon(HybridOptimizer):
             buf = G * ((1.0 - gamma) / mu) if mode == "approx" else G
             ns_in = G
         elif kind == "dense":
-            bufs = [st["momentum_buffer"] for st in states]
+            # One launch for the whole bucket: the buffers are slices of one stacked tensor.
+            buf = self.stacked_state(params, "momentum_buffer", bucket.shape)
+            G = bucket.stack(grads)
             if mode == "exact":
-                for b, g_new, p in zip(bufs, grads, params):
-                    lk.storm_update_(b, g_new, old_grads[id(p)], mu)
-                ns_in = bucket.stack(bufs)
+                lk.storm_update_(buf, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
+                ns_in = buf
             elif mode == "none":
-                torch._foreach_lerp_(bufs, grads, 1.0 - mu)
-                ns_in = bucket.stack(bufs)
+                buf.lerp_(G, 1.0 - mu)
+                ns_in = buf
             else:
-                ns_in = bucket.stack([lk.mars_update_(b, g, mu, gamma) for b, g in zip(bufs, grads)])
+                ns_in = lk.mars_update_(buf, G, mu, gamma)
         else:
-            U, S, V = (torch.stack([st[k] for st in states]) for k in ("U", "S", "V"))
+            U, S, V = (self.stacked_state(params, k) for k in ("U", "S", "V"))
             G = bucket.stack(grads)
             if mode == "exact":
                 buf = ns_in = lk.lowrank_storm(U, S, V, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
@@ -294,25 +295,26 @@ class LiMuon(HybridOptimizer):
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
         if mode == "exact":
-            for p, o, st in zip(params, O.unbind(0), states):
-                # last_update = W_{k} − W_{k+1}: what exact mode adds to go back one iterate.
-                delta = torch.mul(p, lr * wd).add_(o.view_as(p), alpha=lr * scale)
-                if "last_update" in st:
-                    st["last_update"].copy_(delta)
-                else:
-                    st["last_update"] = delta.to(torch.bfloat16)
+            # last_update = W_k − W_{k+1}: what the next step adds to go back one iterate (kept in bf16).
+            delta = bucket.stack(params).mul_(lr * wd).add_(O, alpha=lr * scale)
+            if all("last_update" in st for st in states):
+                self.stacked_state(params, "last_update", bucket.shape).copy_(delta)
+            else:
+                self.adopt_stacked_state(params, "last_update", delta.to(torch.bfloat16))
         apply_update(params, O, lr, wd, scale)
 
         # 4. Keep the momentum for the next step: compressed to rank r, or dense.
         if low_rank:
             seeds = [lk.derive_seed(group["seed"], i, int(st["step"])) for i, st in zip(bucket.indices, states)]
-            U, S, V = lk.rsvd(buf, group["rank"], group["oversample"], group["power_iters"], seed=seeds)
-            for st, u, s, v in zip(states, U.unbind(0), S.unbind(0), V.unbind(0)):
-                st["U"], st["S"], st["V"] = u.clone(), s.clone(), v.clone()
+            for name, factor in zip(("U", "S", "V"), lk.rsvd(buf, group["rank"], group["oversample"],
+                                                              group["power_iters"], seed=seeds)):
+                self.adopt_stacked_state(params, name, factor)
+            for st in states:
                 st.pop("momentum_buffer", None)
         elif kind != "dense":
-            for p, st, b in zip(params, states, buf.unbind(0)):
-                st["momentum_buffer"] = b.reshape(p.shape).clone()
+            # `buf` is a fresh tensor here (stacked gradients or a low-rank product), never aliased.
+            self.adopt_stacked_state(params, "momentum_buffer", buf)
+            for st in states:
                 for key in ("U", "S", "V"):
                     st.pop(key, None)
 

@@ -89,18 +89,15 @@ class Muon(HybridOptimizer):
                 continue
             mu = group["momentum"]
             for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats]):
-                grads = [p.grad for p in bucket.params]
-                bufs = []
+                grads = bucket.stack([p.grad for p in bucket.params])
                 for p in bucket.params:
                     st = self.state[p]
                     if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    bufs.append(st["momentum_buffer"])
-                torch._foreach_lerp_(bufs, grads, 1.0 - mu)
-                if group["nesterov"]:
-                    G = bucket.stack([torch.lerp(g, b, mu) for g, b in zip(grads, bufs)])
-                else:
-                    G = bucket.stack(bufs)
+                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                # One launch per bucket: the buffers are slices of one stacked tensor.
+                bufs = self.stacked_state(bucket.params, "momentum_buffer", bucket.shape)
+                bufs.lerp_(grads, 1.0 - mu)
+                G = grads.lerp_(bufs, mu) if group["nesterov"] else bufs
                 O = lk.newton_schulz(G, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
                                      eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
                 scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
