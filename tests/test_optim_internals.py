@@ -1,0 +1,85 @@
+"""Design properties of the optimizers that the numerical tests do not see: one kernel launch per
+same-shape bucket (state kept in one stacked tensor), and the RSVD seed as a per-group setting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import limuon
+import limuon_kernels as lk
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    # Three 16×16 matrices (one bucket), one 16×8 and one 4×16 (buckets of one), biases (AdamW).
+    return nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4))
+
+
+def _closure(model, opt):
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+
+    def closure():
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def test_storm_update_runs_once_per_bucket(monkeypatch):
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01)
+    calls = []
+    real = lk.storm_update_
+    monkeypatch.setattr(lk, "storm_update_", lambda m, *a: calls.append(tuple(m.shape)) or real(m, *a))
+    closure = _closure(model, opt)
+    for _ in range(3):
+        opt.step(closure)
+    # Step 1 has no correction term; steps 2 and 3 update 3 buckets each with one call apiece.
+    assert sorted(calls) == sorted([(3, 16, 16), (1, 16, 8), (1, 4, 16)] * 2)
+
+
+@pytest.mark.parametrize("opt_cls", [limuon.LiMuon, limuon.Muon], ids=lambda c: c.__name__)
+def test_bucket_state_is_one_stacked_tensor_also_after_resume(opt_cls):
+    model = _model()
+    kwargs = {"variance_reduction": "approx"} if opt_cls is limuon.LiMuon else {}
+    opt = opt_cls(model.parameters(), lr=0.01, **kwargs)
+    closure = _closure(model, opt)
+    opt.step(closure)
+    opt.step(closure)
+    square = [model[i].weight for i in (1, 2, 3)]
+
+    def storages(o):
+        return {o.state[p]["momentum_buffer"].untyped_storage().data_ptr() for p in square}
+
+    assert len(storages(opt)) == 1
+    fresh = opt_cls(model.parameters(), lr=0.01, **kwargs)
+    fresh.load_state_dict(opt.state_dict())  # without a save/load the tensors are the old optimizer's
+    fresh.step(_closure(model, fresh))
+    assert len(storages(fresh)) == 1
+    assert storages(fresh).isdisjoint(storages(opt)), "the resumed optimizer must not write into the old state"
+
+
+def _lowrank_run(**group_extra) -> list[torch.Tensor]:
+    model = _model()
+    opt = limuon.LiMuon([{"params": model.parameters(), **group_extra}], lr=0.01, rank=2, oversample=1,
+                        variance_reduction="none")
+    closure = _closure(model, opt)
+    for _ in range(3):
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_seed_is_a_per_group_setting():
+    base = _lowrank_run()
+    other = _lowrank_run(seed=3)
+    assert any(not torch.equal(a, b) for a, b in zip(base, other)), "the group seed must change the sketch"
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, rank=2, oversample=1, variance_reduction="none", seed=3)
+    closure = _closure(model, opt)
+    for _ in range(3):
+        opt.step(closure)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(other, model.parameters()))
