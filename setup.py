@@ -5,9 +5,13 @@ Two packages ship together:
   * ``limuon`` (the torch.optim-style front-end, sources under ``python/limuon``).
 
 The C++ extension is compiled against the torch that is already installed, so build with
-``pip install --no-build-isolation``. When torch cannot be imported (or ``LIMUON_SKIP_EXT=1``), the
-build degrades to a pure-Python package with a warning; ``limuon_kernels.HAS_C_EXT`` then reports False
-and every op runs on its reference implementation.
+``pip install --no-build-isolation`` (or ``pip wheel --no-build-isolation --no-deps -w dist .``,
+``python -m build --wheel --no-isolation``). A wheel with the extension is a platform wheel whose
+metadata pins ``torch==<the version it was compiled against>``, because the C++ ABI is tied to it.
+When torch cannot be imported (or ``LIMUON_SKIP_EXT=1``), the build degrades to a pure-Python package
+with a warning and the loose ``torch>=2.9``; ``limuon_kernels.HAS_C_EXT`` then reports False and every
+op runs on its reference implementation. The GPU kernels are Triton kernels, compiled at run time:
+there is no CUDA code to build, and ``LIMUON_BUILD_CUDA=1`` is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
@@ -43,7 +48,25 @@ def _cpu_isa_flags(torch) -> list[str]:
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
 
 
+def _torch_pin(torch) -> str:
+    """The requirement a wheel with ``_C`` carries: the public version it was compiled against.
+
+    The local label is dropped: ``torch==2.13.0`` matches ``2.13.0+cpu`` and ``2.13.0+cu130`` (PEP 440
+    ignores a candidate's local label when the specifier has none), whose C++ ABI is the same, so a wheel
+    built on a CPU machine installs next to the CUDA build of the same torch. ``_extension.load`` compares
+    the same public versions at import.
+    """
+    return f"torch=={str(torch.__version__).split('+', 1)[0]}"
+
+
 def get_extensions_and_cmdclass() -> tuple[list, dict]:
+    if _flag("LIMUON_BUILD_CUDA"):
+        sys.exit(
+            "error: LIMUON_BUILD_CUDA=1: limuon-kernels has no CUDA C++ code to build. Its GPU kernels are "
+            "Triton kernels, compiled at run time for the GPU they run on (TORCH_CUDA_ARCH_LIST does not "
+            "apply either); install triton next to it. Unset LIMUON_BUILD_CUDA to build the C++ CPU "
+            "extension."
+        )
     if _flag("LIMUON_SKIP_EXT"):
         warnings.warn("LIMUON_SKIP_EXT=1: building limuon-kernels without its C++ extension.", stacklevel=1)
         return [], {}
@@ -61,7 +84,9 @@ def get_extensions_and_cmdclass() -> tuple[list, dict]:
 
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
     # No hard-coded -std: BuildExtension picks the standard the installed torch headers need.
-    cxx_flags = ["-O3", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"] if os.name != "nt" else ["/O2"]
+    # -g0 overrides the -g of Python's own CFLAGS: the debug info made _C 18 MB instead of 0.4 MB, in every
+    # wheel. The symbol table stays, so backtraces still name the kernels; LIMUON_DEBUG=1 builds with -g.
+    cxx_flags = ["-O3", "-g0", "-fopenmp", "-DAT_PARALLEL_OPENMP=1"] if os.name != "nt" else ["/O2"]
     if _flag("LIMUON_DEBUG"):
         cxx_flags = ["-O0", "-g"]
     if os.name != "nt":
@@ -83,6 +108,14 @@ def get_extensions_and_cmdclass() -> tuple[list, dict]:
 
 
 ext_modules, cmdclass = get_extensions_and_cmdclass()
+# An sdist is built against whichever torch is installed where it is built into a wheel: it keeps the
+# loose requirement (its PKG-INFO marks Requires-Dist as Dynamic), and the wheel gets the pin.
+if ext_modules and "sdist" not in sys.argv[1:]:
+    import torch
+
+    install_requires = [_torch_pin(torch)]
+else:
+    install_requires = ["torch>=2.9"]
 with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as readme:
     long_description = readme.read()
 
@@ -94,11 +127,15 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["limuon_kernels", "limuon"],
+    # Only the two packages (with subpackages such as limuon_kernels.triton): no tests, bench or scripts.
+    packages=[
+        *find_packages(ROOT, include=["limuon_kernels", "limuon_kernels.*"]),
+        *find_packages(os.path.join(ROOT, "python"), include=["limuon", "limuon.*"]),
+    ],
     package_dir={"limuon_kernels": "limuon_kernels", "limuon": "python/limuon"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.9"],
+    install_requires=install_requires,
     extras_require={
         "test": ["pytest>=8", "numpy", "ruff"],
         "triton": ["triton>=3.6"],
