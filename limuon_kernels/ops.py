@@ -186,8 +186,9 @@ def _call(name: str, device: torch.device, *args):
 
 # -- compute dtype of Newton–Schulz per device ----------------------------------------------------
 
-# Why fp32 on CPU: without bf16 matrix units, bf16 matmuls are 25–90× slower than fp32 there
-# (one 768×768 NS5 took 9.4 s in bf16 and 0.10 s in fp32 on the project's 2-core machines).
+# Why fp32 on CPU: without bf16 matrix instructions, bf16 matmuls are 25–90× slower than fp32
+# (one 768×768 NS5 took 9.4 s in bf16 and 0.10 s in fp32 on such a machine). CPUs with AVX512-BF16
+# or AMX are the exception (bf16 NS was ~4× faster on our EPYC CI machines): users opt in there.
 # GPUs have bf16 tensor cores, and bf16 is what torch.optim.Muon uses.
 _NS_COMPUTE_DTYPE: dict[str, torch.dtype] = {"cpu": torch.float32}
 _NS_COMPUTE_DTYPE_OTHER = torch.bfloat16
