@@ -83,3 +83,20 @@ def test_seed_is_a_per_group_setting():
     for _ in range(3):
         opt.step(closure)
     assert all(torch.equal(a, b.detach()) for a, b in zip(other, model.parameters()))
+
+
+def test_changing_rank_between_steps_converts_the_state_and_frees_the_old_one():
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, variance_reduction="none")
+    closure = _closure(model, opt)
+    square = [model[i].weight for i in (1, 2, 3)]
+    opt.step(closure)
+    opt.param_groups[0]["rank"] = 2
+    opt.step(closure)
+    assert all("momentum_buffer" not in opt.state[p] and opt.state[p]["U"].shape == (16, 2) for p in square)
+    assert not [k for k in opt._stacks if k[0] == "momentum_buffer"], "the dense stack must be released"
+    opt.param_groups[0]["rank"] = None
+    opt.step(closure)
+    assert all("U" not in opt.state[p] and opt.state[p]["momentum_buffer"].shape == (16, 16) for p in square)
+    assert not [k for k in opt._stacks if k[0] in ("U", "S", "V")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())

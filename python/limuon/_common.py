@@ -275,14 +275,21 @@ class HybridOptimizer(Optimizer):
     def adopt_stacked_state(self, params: list[Tensor], name: str, stacked: Tensor) -> Tensor:
         """Make slice ``i`` of ``stacked`` the state ``name`` of ``params[i]`` (a view, shaped like the
         parameter for parameter-shaped state)."""
-        stacks = self.__dict__.setdefault("_stacks", {})
-        ids = {id(p) for p in params}
-        for key in [k for k in stacks if k[0] == name and ids.intersection(k[1])]:
-            del stacks[key]  # an older grouping of these parameters: drop it, or it stays alive
+        self.drop_state(params, name)  # an older grouping of these parameters: drop it, or it stays alive
+        stacks = self.__dict__["_stacks"]
         for p, part in zip(params, stacked.unbind(0)):
             self.state[p][name] = part.view(p.shape) if part.numel() == p.numel() else part
         stacks[(name, tuple(id(p) for p in params))] = stacked
         return stacked
+
+    def drop_state(self, params: list[Tensor], name: str) -> None:
+        """Remove state ``name`` of ``params``, and the stacked tensor behind it."""
+        stacks = self.__dict__.setdefault("_stacks", {})
+        ids = {id(p) for p in params}
+        for key in [k for k in stacks if k[0] == name and ids.intersection(k[1])]:
+            del stacks[key]
+        for p in params:
+            self.state[p].pop(name, None)
 
     def _check_all_groups(self) -> None:
         # Hyperparameters may have been changed since __init__ (schedulers, user code): re-check

@@ -309,14 +309,12 @@ class LiMuon(HybridOptimizer):
             for name, factor in zip(("U", "S", "V"), lk.rsvd(buf, group["rank"], group["oversample"],
                                                               group["power_iters"], seed=seeds)):
                 self.adopt_stacked_state(params, name, factor)
-            for st in states:
-                st.pop("momentum_buffer", None)
+            self.drop_state(params, "momentum_buffer")
         elif kind != "dense":
             # `buf` is a fresh tensor here (stacked gradients or a low-rank product), never aliased.
             self.adopt_stacked_state(params, "momentum_buffer", buf)
-            for st in states:
-                for key in ("U", "S", "V"):
-                    st.pop(key, None)
+            for key in ("U", "S", "V"):
+                self.drop_state(params, key)
 
 
 __all__ = ["LiMuon"]
