@@ -137,7 +137,7 @@ setup(
     cmdclass=cmdclass,
     install_requires=install_requires,
     extras_require={
-        "test": ["pytest>=8", "numpy", "ruff"],
+        "test": ["pytest>=8", "numpy", "ruff", "build"],
         "triton": ["triton>=3.6"],
     },
     zip_safe=False,

@@ -39,6 +39,9 @@ fi
 # Test tools (the `test` extra). A GPU machine without network already has pytest and numpy.
 have pytest && have numpy || "$PY" -m pip install -q pytest numpy
 have ruff || "$PY" -m pip install -q ruff || echo "warning: ruff could not be installed" >&2
+# `python -m build` (sdists; tests/test_wheel.py uses it and skips its sdist tests without it). Asked with
+# -m rather than `have`: a build/ folder in the working directory would pass for the package.
+"$PY" -m build --version >/dev/null 2>&1 || "$PY" -m pip install -q build || echo "warning: build could not be installed" >&2
 if [ "$stale" = 1 ]; then
   # --no-deps: torch and the test tools are already in place (see above); the build must not pull a new torch.
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
