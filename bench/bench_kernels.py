@@ -25,21 +25,13 @@ keeps the 1-minute load average (``loadavg_1m``).
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.metadata
-import json
 import math
-import os
-import platform
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from torch.utils import benchmark
+from _common import format_table, log, measure, run_meta, warn_if_loaded, write_records
 
 import limuon_kernels as lk
 from limuon_kernels.ns_coefficients import KELLER
@@ -53,7 +45,6 @@ OPS = ("newton_schulz", "rsvd", "storm_update_", "lowrank_storm", "mars_update_"
 NS_STEPS = 5  # torch.optim.Muon's default ns_steps
 RANK, OVERSAMPLE, POWER_ITERS = 16, 5, 0  # paper ranks r = 8/16 (ALGORITHM.md); op defaults otherwise
 MOMENTUM, GAMMA = 0.9, 0.025
-SLOW_CALL_S = 1.5  # CPU: a first call slower than this is timed by single calls, not autorange
 # GPT-2 small (HF Conv1D layout in x out): attn.c_proj, attn.c_attn, mlp.c_fc, mlp.c_proj; the
 # 12 layers' attention projections as one batch; a 4096² square (7B-class hidden size).
 SHAPES = [(768, 768), (768, 2304), (768, 3072), (3072, 768), (12, 768, 768), (4096, 4096)]
@@ -117,37 +108,6 @@ def make_case(op: str, shape: tuple[int, ...], dev: torch.device) -> tuple[float
     raise ValueError(f"Invalid op: {op!r}; expected one of {OPS}")
 
 
-def measure(fn: Fn, cuda: bool, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds per call."""
-    if cuda:
-        from triton.testing import do_bench  # only here: triton's driver needs a GPU
-
-        med, p20, p80 = do_bench(fn, warmup=25, rep=50 if quick else 200, quantiles=[0.5, 0.2, 0.8])
-        return med, p20, p80
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-    times = [once()]  # warm-up, and a probe for pathological cases (bf16 matmuls on CPUs without bf16 units)
-    if times[0] > SLOW_CALL_S:  # quick: that one call is the sample; else 3 more single calls
-        times = times if quick else [once() for _ in range(3)]
-    else:
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        times = timer.blocked_autorange(min_run_time=0.4 if quick else 2.0).times
-    return tuple(1e3 * quantile(times, p) for p in (0.5, 0.2, 0.8))
-
-
-def quantile(values: list[float], p: float) -> float:
-    """Linear-interpolated quantile (numpy's default method)."""
-    v = sorted(values)
-    pos = p * (len(v) - 1)
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
 def peak(kind: str, dtype: torch.dtype, dev: torch.device, quick: bool, cache: dict[str, float]) -> float:
     """Measured roof in FLOP/s (square matmul in ``dtype``) or bytes/s (copy: read + write)."""
     key = f"matmul {str(dtype).removeprefix('torch.')}" if kind == "flop" else "copy"
@@ -164,50 +124,10 @@ def peak(kind: str, dtype: torch.dtype, dev: torch.device, quick: bool, cache: d
     return cache[key]
 
 
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    model = platform_cpu_model()
-    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def platform_cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def providers(dev: torch.device) -> list[str]:
     """limuon backends that have kernels for ``dev`` (cpp: CPU tensors; triton: CUDA tensors)."""
     own = {"cpp": "cpu", "triton": "cuda"}
     return [b for b in lk.available_backends() if own.get(b, dev.type) == dev.type]
-
-
-def run_meta(dev: torch.device, quick: bool) -> dict:
-    """Fields shared by every record of this run."""
-    try:
-        triton_version: str | None = importlib.metadata.version("triton")  # no import: no driver query
-    except importlib.metadata.PackageNotFoundError:
-        triton_version = None
-    git = ["git", "rev-parse", "--short", "HEAD"]
-    try:
-        commit = subprocess.run(git, capture_output=True, text=True, cwd=Path(__file__).parent, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    return {
-        **{"bench": "kernels", "device": device_name(dev), "torch": torch.__version__, "triton": triton_version},
-        **{"date": now, "commit": commit and commit.stdout.strip(), "quick": quick},
-        "loadavg_1m": os.getloadavg()[0],  # CPU timings share the cores with whatever else runs
-    }
-
-
-def log(msg: str, end: str = "\n") -> None:
-    print(msg, end=end, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     flop_unit, flop_scale = ("TFLOP/s", 1e12) if cuda else ("GFLOP/s", 1e9)
     meta, backends = run_meta(dev, args.quick), providers(dev)
     print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | backends {backends}")
-    if not cuda and meta["loadavg_1m"] > 0.5 * (os.cpu_count() or 1):
-        print(f"# warning: load average {meta['loadavg_1m']:.1f}; other processes compete, expect noise")
+    warn_if_loaded(meta, dev)
     torch.manual_seed(0)
     records: list[dict] = []
     peaks: dict[str, float] = {}
@@ -262,30 +181,19 @@ def main(argv: list[str] | None = None) -> int:
     print_table(records)
     roofs = [f"{k} {v / (1e9 if k == 'copy' else flop_scale):.1f}" for k, v in peaks.items()]
     print(f"# peaks ({flop_unit}, copy GB/s): {', '.join(roofs)} | wall {time.perf_counter() - start:.1f}s")
-    if args.out != "-" and records:
-        slug = re.sub(r"[^a-z0-9]+", "-", meta["device"].lower().split("(")[0]).strip("-")
-        slug = slug if cuda else f"cpu-{slug}-{os.cpu_count()}c"
-        default = Path(__file__).parent / "results" / f"kernels-{slug}-{datetime.date.today()}.json"
-        out = Path(args.out) if args.out else default
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(records, indent=1) + "\n")
-        print(f"# wrote {len(records)} records to {out}")
+    write_records(records, "kernels", dev, args.out)
     return 0
 
 
 def print_table(records: list[dict]) -> None:
     head = ("case", "op", "provider", "cdtype", "median ms", "p20", "p80", "throughput", "%peak", "speedup")
-    rows = [head]
+    rows = []
     for r in records:
         times = [f"{r[k]:.3f}" for k in ("median_ms", "p20_ms", "p80_ms")]
         speedup = f"{r['speedup_vs_torch']:.2f}x" if r["speedup_vs_torch"] else "-"
         rate = [f"{r['value']:.1f} {r['metric']}", f"{r['pct_of_peak']:.0f}%", speedup]
         rows.append((r["case"], r["op"], r["provider"], r["compute_dtype"], *times, *rate))
-    widths = [max(len(x) for x in col) for col in zip(*rows)]
-    for i, row in enumerate(rows):
-        print("  ".join(x.ljust(w) if j < 4 else x.rjust(w) for j, (x, w) in enumerate(zip(row, widths))))
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(format_table(head, rows, n_left=4))
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ fi
 # Test tools (the `test` extra). A GPU machine without network already has pytest and numpy.
 have pytest && have numpy || "$PY" -m pip install -q pytest numpy
 have ruff || "$PY" -m pip install -q ruff || echo "warning: ruff could not be installed" >&2
+# Plots of bench/report.py (run by scripts/bench.sh); without it the report is markdown only.
+have matplotlib || "$PY" -m pip install -q matplotlib || echo "warning: matplotlib could not be installed" >&2
 # `python -m build` (sdists; tests/test_wheel.py uses it and skips its sdist tests without it). Asked with
 # -m rather than `have`: a build/ folder in the working directory would pass for the package.
 "$PY" -m build --version >/dev/null 2>&1 || "$PY" -m pip install -q build || echo "warning: build could not be installed" >&2
