@@ -6,7 +6,8 @@ limuon backend (``"torch"`` = the eager reference, ``"cpp"`` = the C++ CPU kerne
 CUDA; whichever ``available_backends()`` lists) or a peer timed in the same run:
 ``torch.optim.Muon``'s own Newton–Schulz (looped over the batch, as Muon does per parameter),
 ``torch.svd_lowrank`` (same sketch width and power iterations) and a plain eager 3-op STORM update.
-Shapes are GPT-2 small weights, a stack of its 12 attention-sized matrices, and a 4096² square.
+Shapes are the weights of GPT-2 small (= DistilGPT2's), GPT-2 medium and ViT-S/16, a stack of
+GPT-2 small's 12 attention-sized matrices, and a 4096² square.
 
 How to read it: median and p20/p80 are milliseconds per call (GPU: ``triton.testing.do_bench``;
 CPU: ``torch.utils.benchmark`` blocked_autorange). ``throughput`` is FLOP/s for Newton–Schulz and
@@ -45,9 +46,13 @@ OPS = ("newton_schulz", "rsvd", "storm_update_", "lowrank_storm", "mars_update_"
 NS_STEPS = 5  # torch.optim.Muon's default ns_steps
 RANK, OVERSAMPLE, POWER_ITERS = 16, 5, 0  # paper ranks r = 8/16 (ALGORITHM.md); op defaults otherwise
 MOMENTUM, GAMMA = 0.9, 0.025
-# GPT-2 small (HF Conv1D layout in x out): attn.c_proj, attn.c_attn, mlp.c_fc, mlp.c_proj; the
-# 12 layers' attention projections as one batch; a 4096² square (7B-class hidden size).
-SHAPES = [(768, 768), (768, 2304), (768, 3072), (3072, 768), (12, 768, 768), (4096, 4096)]
+# GPT-2 small / DistilGPT2 (HF Conv1D layout in x out): attn.c_proj, attn.c_attn, mlp.c_fc, mlp.c_proj;
+# GPT-2 medium (d=1024) and ViT-S/16 (d=384, qkv 384x1152, MLP 1536) likewise; GPT-2 small's 12
+# attention projections as one batch; a 4096² square (7B-class hidden size).
+GPT2_SMALL = [(768, 768), (768, 2304), (768, 3072), (3072, 768)]
+GPT2_MEDIUM = [(1024, 1024), (1024, 3072), (1024, 4096), (4096, 1024)]
+VIT_S16 = [(384, 384), (384, 1152), (384, 1536), (1536, 384)]
+SHAPES = [*GPT2_SMALL, *GPT2_MEDIUM, *VIT_S16, (12, 768, 768), (4096, 4096)]
 QUICK_CPU_SHAPES = [(768, 768), (768, 3072), (3, 768, 768)]
 
 Fn = Callable[[], object]
@@ -176,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                     "median_ms": med, "p20_ms": p20, "p80_ms": p80,
                     "metric": flop_unit if flop else "GB/s", "value": rate / (flop_scale if flop else 1e9),
                     "pct_of_peak": 100 * rate / peak(kind, dtype, dev, args.quick, peaks),
+                    "peak_fraction": rate / peak(kind, dtype, dev, args.quick, peaks),
                     "speedup_vs_torch": ref_ms / med if ref_ms else None,
                 })  # fmt: skip
     print_table(records)
