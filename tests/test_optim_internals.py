@@ -100,3 +100,83 @@ def test_changing_rank_between_steps_converts_the_state_and_frees_the_old_one():
     assert all("U" not in opt.state[p] and opt.state[p]["momentum_buffer"].shape == (16, 16) for p in square)
     assert not [k for k in opt._stacks if k[0] in ("U", "S", "V")]
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_exact_mode_second_call_sees_the_same_random_draws():
+    # Dropout masks (any torch RNG use) must repeat in the second closure call: the same sample ξ.
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01)
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+    draws = []
+
+    def closure():
+        opt.zero_grad()
+        noise = torch.rand(10, 16)
+        draws.append(noise)
+        loss = (model(x) * 0 + nn.functional.dropout(model[0](x), 0.5).sum() + noise.sum()).square().mean()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    assert len(draws) == 5
+    assert torch.equal(draws[1], draws[2]) and torch.equal(draws[3], draws[4])
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[2], draws[3]), "steps draw anew"
+
+
+def test_backend_failure_changes_nothing(monkeypatch):
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, variance_reduction="approx")
+    closure = _closure(model, opt)
+    opt.step(closure)
+    before = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters()]
+
+    def broken(device):
+        raise RuntimeError("backend misconfigured")
+
+    monkeypatch.setattr(lk.backend, "resolve", broken)
+    with pytest.raises(RuntimeError, match="misconfigured"):
+        opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = [opt.state[p] for p in model.parameters()]
+    assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(state, after))
+
+
+def test_rank_change_with_a_skipping_matrix_keeps_working():
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, rank=2, variance_reduction="none")
+    closure = _closure(model, opt)
+    opt.step(closure)
+    opt.param_groups[0]["rank"] = 3
+    model[2].weight.requires_grad_(False)  # skips this step: keeps its rank-2 factors
+    opt.step(closure)
+    model[2].weight.requires_grad_(True)
+    opt.step(closure)  # rank-2 and rank-3 factors of one shape: separate buckets, no crash
+    assert all(opt.state[model[i].weight]["U"].shape == (16, 3) for i in (1, 2, 3))
+
+
+def test_scheduler_scales_adamw_lr_too():
+    model = _model()
+    opt = limuon.Muon(model.parameters(), lr=0.02, adamw_lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    assert sched.get_last_lr()[0] == 0.0
+    before = [p.detach().clone() for p in model.parameters()]
+    closure = _closure(model, opt)
+    opt.step(closure)
+    moved = [not torch.equal(a, b) for a, b in zip(before, model.parameters())]
+    assert not any(moved), "lr 0 from the scheduler must freeze the AdamW-routed parameters too"
+
+
+def test_leaving_exact_mode_drops_the_restore_buffer_and_adamw_groups_need_no_closure():
+    model = _model()
+    opt = limuon.LiMuon(model.parameters(), lr=0.01)
+    opt.step(_closure(model, opt))
+    assert "last_update" in opt.state[model[1].weight]
+    opt.param_groups[0]["variance_reduction"] = "approx"
+    opt.step(_closure(model, opt))
+    assert all("last_update" not in st for st in opt.state.values())
+    only_adamw = limuon.LiMuon([{"params": model[4].parameters(), "algorithm": "adamw"}], lr=0.01)
+    model.zero_grad()
+    model(torch.randn(3, 8)).sum().backward()
+    only_adamw.step()  # exact is the default, but there is no matrix to run it on

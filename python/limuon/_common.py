@@ -193,6 +193,10 @@ class HybridOptimizer(Optimizer):
                     raise ValueError(
                         f"Invalid parameter of shape {tuple(p.shape)}: complex parameters are not supported"
                     )
+                if p.ndim >= 2 and p.numel() == 0 and group["algorithm"] != ADAMW:
+                    raise ValueError(
+                        f"Invalid parameter of shape {tuple(p.shape)}: an empty matrix cannot be orthogonalised"
+                    )
                 if group["algorithm"] == self._matrix_algorithm and p.ndim < 2:
                     raise ValueError(
                         f"Invalid parameter of shape {tuple(p.shape)} in a group with algorithm="
@@ -229,7 +233,12 @@ class HybridOptimizer(Optimizer):
         """torch.optim.AdamW's update (decoupled weight decay, bias correction), for ``params``."""
         if not params:
             return
-        lr = float(group["adamw_lr"] if group["adamw_lr"] is not None else group["lr"])
+        lr = float(group["lr"])
+        if group["adamw_lr"] is not None:
+            # A scheduler changes group["lr"] only (it records the starting value as initial_lr):
+            # apply its factor to adamw_lr too, so AdamW-routed parameters follow the schedule.
+            factor = lr / float(group["initial_lr"]) if group.get("initial_lr") else 1.0
+            lr = float(group["adamw_lr"]) * factor
         wd = group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"]
         beta1, beta2 = group["adamw_betas"]
         eps = group["adamw_eps"]
@@ -282,6 +291,23 @@ class HybridOptimizer(Optimizer):
         stacks[(name, tuple(id(p) for p in params))] = stacked
         return stacked
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.__dict__["_stacks"] = {}  # the old stacked tensors must not outlive the old state
+        super().load_state_dict(state_dict)
+        for st in self.state.values():
+            # Step counters stay on the CPU (a checkpoint loaded with map_location="cuda" moves
+            # them): they are read as Python numbers every step, which would sync with the GPU.
+            if isinstance(st.get("step"), Tensor) and st["step"].device.type != "cpu":
+                st["step"] = st["step"].cpu()
+
+    def check_backends(self) -> None:
+        """Resolve the kernel backend for every device the parameters live on, before any update,
+        so a misconfigured backend fails the step with nothing changed."""
+        from limuon_kernels.backend import resolve
+
+        for device in {p.device for group in self.param_groups for p in group["params"]}:
+            resolve(device)
+
     def drop_state(self, params: list[Tensor], name: str) -> None:
         """Remove state ``name`` of ``params``, and the stacked tensor behind it."""
         stacks = self.__dict__.setdefault("_stacks", {})
@@ -296,3 +322,4 @@ class HybridOptimizer(Optimizer):
         # before anything is modified, so a bad value fails loudly with nothing changed.
         for group in self.param_groups:
             self._check_group(group)
+        self.check_backends()

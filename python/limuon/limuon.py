@@ -146,7 +146,10 @@ class LiMuon(HybridOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LiMuon step. ``closure`` is required when a group uses ``variance_reduction="exact"``."""
         self._check_all_groups()
-        exact = any(g["variance_reduction"] == "exact" for g in self.param_groups)
+        exact = any(
+            g["variance_reduction"] == "exact" and any(self._is_matrix(g, p) for p in g["params"])
+            for g in self.param_groups
+        )
         if exact and closure is None:
             raise RuntimeError(
                 "LiMuon with variance_reduction='exact' needs a closure: call opt.step(closure) where "
@@ -155,24 +158,30 @@ class LiMuon(HybridOptimizer):
                 "per step, no closure)"
             )
         loss = None
+        rng_before = _rng_state() if exact else None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
         split = self._split()
         check_gradients([(i, p, p.grad) for _, mats, others in split for i, p in mats + others])
-        old_grads = self._old_point_gradients(split, closure) if exact else {}
+        old_grads = self._old_point_gradients(split, closure, rng_before) if exact else {}
 
-        for group, mats, others in split:
-            self._adamw_step(group, [p for _, p in others], self.state)
+        for group, mats, _ in split:
             if group["variance_reduction"] == "exact":
                 self._forget_stale_updates(group, {id(p) for _, p in mats})
+            else:
+                # A restore buffer from an earlier exact phase would be stale when exact mode returns.
+                self.drop_state([p for _, p in self._group_matrices(group) if p in self.state], "last_update")
             if not mats:
                 continue
             params = [p for _, p in mats]
             indices = [i for i, _ in mats]
-            for bucket in make_buckets(params, indices, key=lambda p: self._state_kind(group, p)):
+            for bucket in make_buckets(params, indices, key=lambda p: self._bucket_key(group, p)):
                 self._step_bucket(group, bucket, old_grads)
+        # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
+        for group, _, others in split:
+            self._adamw_step(group, [p for _, p in others], self.state)
         return loss
 
     def _low_rank(self, group: dict, p: Tensor) -> bool:
@@ -186,11 +195,18 @@ class LiMuon(HybridOptimizer):
             return "first"
         return "lowrank" if "U" in st else "dense"
 
-    def _old_point_gradients(self, split: list, closure: Callable[[], Any]) -> dict[int, Tensor]:
+    def _bucket_key(self, group: dict, p: Tensor) -> tuple[str, int | None]:
+        # The stored rank too: after a rank change, matrices that skipped steps keep their old rank.
+        st = self.state.get(p, {})
+        return self._state_kind(group, p), (st["U"].shape[-1] if "U" in st else None)
+
+    def _old_point_gradients(self, split: list, closure: Callable[[], Any], rng_before: tuple) -> dict[int, Tensor]:
         """Exact mode: gradients at the previous iterate ``W_{k−1}`` on the same batch.
 
-        Moves every matrix parameter that has a stored last update back by it, calls the closure,
-        and puts parameters and gradients back exactly as they were (also when the closure raises).
+        Moves every matrix parameter that has a stored last update back by it, calls the closure with
+        the random number generators as they were before the first call (so dropout draws the same
+        masks: the same sample ξ), and puts parameters, gradients and generators back as they were
+        after the first call (also when the closure raises).
         """
         movers = [
             (i, p) for group, _, _ in split if group["variance_reduction"] == "exact"
@@ -203,8 +219,10 @@ class LiMuon(HybridOptimizer):
         all_params = [p for group in self.param_groups for p in group["params"]]
         saved_grads = [p.grad for p in all_params]
         saved_weights = [p.detach().clone() for _, p in movers]
+        rng_after = _rng_state()
         old: dict[int, Tensor] = {}
         try:
+            _set_rng_state(rng_before)
             for p in all_params:
                 p.grad = None
             for _, p in movers:
@@ -224,6 +242,7 @@ class LiMuon(HybridOptimizer):
             check_gradients([(i, p, old[id(p)]) for i, p in movers if id(p) in old],
                             what="gradient at the previous iterate (second closure call)")
         finally:
+            _set_rng_state(rng_after)
             for (_, p), w in zip(movers, saved_weights):
                 p.copy_(w)
             for p, g in zip(all_params, saved_grads):
@@ -315,6 +334,19 @@ class LiMuon(HybridOptimizer):
             self.adopt_stacked_state(params, "momentum_buffer", buf)
             for key in ("U", "S", "V"):
                 self.drop_state(params, key)
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    """The CPU generator's state and, when CUDA is in use, every CUDA device's."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 __all__ = ["LiMuon"]

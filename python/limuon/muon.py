@@ -83,8 +83,7 @@ class Muon(HybridOptimizer):
         split = self._split()
         check_gradients([(i, p, p.grad) for _, mats, others in split for i, p in mats + others])
 
-        for group, mats, others in split:
-            self._adamw_step(group, [p for _, p in others], self.state)
+        for group, mats, _ in split:
             if not mats:
                 continue
             mu = group["momentum"]
@@ -102,4 +101,7 @@ class Muon(HybridOptimizer):
                                      eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
                 scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
                 apply_update(bucket.params, O, float(group["lr"]), float(group["weight_decay"]), scale)
+        # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
+        for group, _, others in split:
+            self._adamw_step(group, [p for _, p in others], self.state)
         return loss
