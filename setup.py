@@ -82,7 +82,10 @@ def get_extensions_and_cmdclass() -> tuple[list, dict]:
         )
         return [], {}
 
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    # Relative to ROOT (setuptools wants relative source paths), whatever the working directory.
+    sources = sorted(
+        os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, "csrc", "**", "*.cpp"), recursive=True)
+    )
     # No hard-coded -std: BuildExtension picks the standard the installed torch headers need.
     # -g0 overrides the -g of Python's own CFLAGS: the debug info made _C 18 MB instead of 0.4 MB, in every
     # wheel. The symbol table stays, so backtraces still name the kernels; LIMUON_DEBUG=1 builds with -g.

@@ -4,17 +4,22 @@
 #   LIMUON_VENV   where the environment lives (default: <repo>/.venv)
 #   LIMUON_TORCH  the torch requirement to install when none is importable (default: torch==2.13.0,
 #                 the CPU build these machines carry; never let pip resolve a bare `torch`)
+#   LIMUON_TRITON the triton requirement to install when none is importable (default: triton==3.9.0)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LIMUON_VENV:-$ROOT/.venv}"
+case "$VENV" in /*) ;; *) VENV="$PWD/$VENV" ;; esac
 TORCH_REQ="${LIMUON_TORCH:-torch==2.13.0}"
+TRITON_REQ="${LIMUON_TRITON:-triton==3.9.0}"
 
 if [ ! -x "$VENV/bin/python" ]; then
-  # Reuse a system-wide torch when there is one (the GPU machines ship torch+triton and have no network).
+  python3 -m venv "$VENV"
+  # Reuse the torch of the python3 we were started with when it has one (the GPU machines ship
+  # torch+triton in a venv of their own and have no network). --system-site-packages would not do:
+  # from inside a venv it exposes the base interpreter's packages, not that venv's.
   if python3 -c "import torch" >/dev/null 2>&1; then
-    python3 -m venv --system-site-packages "$VENV"
-  else
-    python3 -m venv "$VENV"
+    purelib=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    python3 -c "import site; print('\n'.join(site.getsitepackages()))" > "$purelib/_limuon_parent_site.pth"
   fi
 fi
 PY="$VENV/bin/python"
@@ -26,7 +31,7 @@ have torch || "$PY" -m pip install -q "$TORCH_REQ"
 # Build tools for `pip install --no-build-isolation` (torch must not be a build requirement).
 have setuptools && have wheel && have ninja || "$PY" -m pip install -q "setuptools>=64" wheel ninja
 # Triton: the GPU kernels, and their CPU interpreter for tests. Optional for the package itself.
-have triton || "$PY" -m pip install -q "triton>=3.6" || echo "warning: triton could not be installed" >&2
+have triton || "$PY" -m pip install -q "$TRITON_REQ" || echo "warning: triton could not be installed" >&2
 
 # Build the C++ extension in place when it is missing or older than its sources.
 so=$(ls "$ROOT"/limuon_kernels/_C*.so 2>/dev/null | head -n 1 || true)
@@ -38,7 +43,7 @@ if [ -n "$so" ] && [ -z "$(find "$ROOT/csrc" "$ROOT/setup.py" -newer "$so" -type
 fi
 # Test tools (the `test` extra). A GPU machine without network already has pytest and numpy.
 have pytest && have numpy || "$PY" -m pip install -q pytest numpy
-have ruff || "$PY" -m pip install -q ruff || echo "warning: ruff could not be installed" >&2
+have ruff || "$PY" -m pip install -q "ruff==0.17.6" || echo "warning: ruff could not be installed" >&2
 # Plots of bench/report.py (run by scripts/bench.sh); without it the report is markdown only.
 have matplotlib || "$PY" -m pip install -q matplotlib || echo "warning: matplotlib could not be installed" >&2
 # `python -m build` (sdists; tests/test_wheel.py uses it and skips its sdist tests without it). Asked with
