@@ -139,7 +139,9 @@ def _check_scalar(value: float, name: str, low: float | None = None, high: float
     ok = value == value and abs(value) != float("inf")
     ok = ok and (low is None or value >= low) and (high is None or value <= high)
     if not ok:
-        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number in [{low}, {high}]")
+        bounds = [f">= {low}" if low is not None else "", f"<= {high}" if high is not None else ""]
+        rng = " and ".join(b for b in bounds if b)
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number{' ' + rng if rng else ''}")
 
 
 # The Triton launcher of each op lives in limuon_kernels/triton/<module>.py, with the reference's signature.
