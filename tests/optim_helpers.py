@@ -3,9 +3,8 @@ for the optimizer under test, and the pure gradient function that drives the fp6
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,18 +12,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 BATCH = 64
-
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """Run with one intra-op thread: these matrices are tiny, so more threads only add OpenMP
-    synchronisation, and on a busy 2-core machine its spinning made these tests ~10× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 class SmallNet(nn.Module):

@@ -28,7 +28,6 @@ from optim_helpers import (
     make_closure,
     make_grad_fn,
     make_model,
-    one_thread,
     random_grads,
     random_init,
     reference_groups,
@@ -37,13 +36,6 @@ from optim_helpers import (
 )
 
 import limuon
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 RTOL_FP32 = 2e-3
 RTOL_EXACT = 1e-2

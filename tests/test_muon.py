@@ -22,7 +22,6 @@ from optim_helpers import (
     make_closure,
     make_grad_fn,
     make_model,
-    one_thread,
     random_grads,
     random_init,
     reference_groups,
@@ -31,13 +30,6 @@ from optim_helpers import (
 from torch import nn
 
 import limuon
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
-
 
 RTOL_BF16 = 5e-2
 RTOL_FP32 = 2e-3

@@ -15,19 +15,12 @@ from optim_helpers import (
     make_closure,
     make_grad_fn,
     make_model,
-    one_thread,
     reference_groups,
     snapshot,
 )
 from torch import nn
 
 import limuon
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _params():

@@ -7,15 +7,9 @@ import io
 
 import pytest
 import torch
-from optim_helpers import make_batch, make_closure, make_model, one_thread
+from optim_helpers import make_batch, make_closure, make_model
 
 import limuon
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def _groups(model, grouped: bool):
