@@ -40,6 +40,17 @@ _NS_CONFIG = {"BLOCK_SIZE": 2048, "num_warps": 8, "num_stages": 1}
 
 
 @triton.jit
+def _matrix_block(mat_numel, BLOCK_SIZE: tl.constexpr):
+    """(program id, int64 offsets, mask) of this program's block: block ``pid`` covers part of one
+    matrix only, so its partial sum of squares belongs to that matrix."""
+    pid = tl.program_id(0)
+    blocks_per_mat = tl.cdiv(mat_numel, BLOCK_SIZE)
+    b = pid // blocks_per_mat
+    local = (pid - b * blocks_per_mat).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    return pid, b.to(tl.int64) * mat_numel + local, local < mat_numel
+
+
+@triton.jit
 def _storm_kernel(
     m_ptr,
     g_new_ptr,
@@ -54,14 +65,8 @@ def _storm_kernel(
     ACC: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # Program pid covers block `blk` of matrix `b`; a block never straddles two matrices, so its
-    # sum of squares belongs to one of them. (Without WRITE_NS the whole tensor is one "matrix".)
-    pid = tl.program_id(0)
-    blocks_per_mat = tl.cdiv(mat_numel, BLOCK_SIZE)
-    b = pid // blocks_per_mat
-    local = (pid - b * blocks_per_mat).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = local < mat_numel
-    offs = b.to(tl.int64) * mat_numel + local
+    # (Without WRITE_NS the whole tensor is one "matrix".)
+    pid, offs, mask = _matrix_block(mat_numel, BLOCK_SIZE)
     mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
     # Upcast right after the load: the interpreter holds bf16 as raw uint16 (DESIGN.md §6).
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -97,12 +102,7 @@ def _mars_kernel(
 ):
     # b ← μ·b + coef·g with coef = (1−γ)(1−μ)/μ (computed on the host in double, as the reference
     # does); d = γ·g + μ·b from b before it is rounded to b's dtype.
-    pid = tl.program_id(0)
-    blocks_per_mat = tl.cdiv(mat_numel, BLOCK_SIZE)
-    bi = pid // blocks_per_mat
-    local = (pid - bi * blocks_per_mat).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = local < mat_numel
-    offs = bi.to(tl.int64) * mat_numel + local
+    pid, offs, mask = _matrix_block(mat_numel, BLOCK_SIZE)
     mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
     coef = scalar_arg(coef_hi, coef_mid, coef_lo, ACC)
     gamma = scalar_arg(gamma_hi, gamma_mid, gamma_lo, ACC)
