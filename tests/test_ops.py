@@ -453,6 +453,14 @@ def test_mars_update_equals_mars_recursion(dev, gen):
         torch.testing.assert_close(d.double().cpu(), M, rtol=1e-5, atol=1e-5)
 
 
+def test_elementwise_ops_on_empty_shards(dev):
+    # Under FSDP2 a rank may hold no rows of a matrix: the elementwise ops then see (B, 0, n) and
+    # must neither fail nor launch anything.
+    empty = torch.zeros(2, 0, 16, device=dev)
+    assert lk.storm_update_(empty.clone(), empty, empty, 0.9).shape == (2, 0, 16)
+    assert lk.mars_update_(empty.clone(), empty, 0.9, 0.1).shape == (2, 0, 16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
 def test_mars_update_noncontiguous(dev, dtype, gen):
     base = randn(3, 40, 140, gen=gen, dtype=dtype, device=dev)

@@ -144,6 +144,8 @@ def _run(kernel, tuned, state: Tensor, inputs: tuple[Tensor, ...], outs: tuple[T
     (ns_tensor, partials)`` the kernel also writes the NS input and one partial ‖·‖² per block of
     each matrix, with the fixed ``_NS_CONFIG``.
     """
+    if state.numel() == 0:  # a rank holding no rows of these matrices (FSDP2): no launch, no autotuning
+        return
     work = state if state.is_contiguous() else state.contiguous()
     inputs = tuple(t.contiguous() for t in inputs)
     split = [part for x in scalars for part in split_scalar(float(x))]

@@ -1,0 +1,227 @@
+"""Data-parallel execution of the matrix updates: DDP (replicated parameters) and FSDP2 (``DTensor``
+parameters sharded on dim 0).
+
+Newton–Schulz and the randomized SVD need whole matrices, the elementwise work (momentum, weight
+decay, the update itself) does not. Every matrix therefore gets an *owner* rank, fixed for the life of
+the optimizer. Per bucket of same-shape matrices:
+
+    local stack (B, m_local, n) ──to_owners──▶ owned matrices (B_own, m, n) ──NS / RSVD──▶
+    owned updates (B_own, m, n) ──from_owners──▶ local stack (B, m_local, n)
+
+* ``local``: one process, or a plain tensor without ``distributed_mesh``: every matrix is owned,
+  both moves are the identity (the single-process code path, unchanged).
+* ``replicated`` (DDP, ``distributed_mesh=``): every rank holds whole matrices; ``to_owners`` keeps
+  the owned ones, ``from_owners`` is one all-gather.
+* ``sharded`` (FSDP2): rank ``k`` holds rows ``[k·c, min((k+1)·c, m))`` with ``c = ⌈m / world⌉``
+  (``torch.chunk``, so trailing ranks may hold none); both moves are one ``all_to_all_single``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+try:  # torch.distributed may be built without DTensor support (it is not on some platforms)
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - depends on the torch build
+    DeviceMesh = DTensor = Shard = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: Any) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: the local shard of a ``DTensor``, else ``t`` itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def wrap_like(param: Tensor, local_tensor: Tensor) -> Tensor:
+    """``local_tensor`` (this rank's part of a tensor shaped like ``param``) as a ``DTensor`` sharded as
+    ``param`` is; ``local_tensor`` itself when ``param`` is a plain tensor. Shares its storage."""
+    if not is_dtensor(param):
+        return local_tensor
+    return DTensor.from_local(local_tensor, device_mesh=param.device_mesh, placements=param.placements,
+                              run_check=False, shape=param.shape, stride=param.stride())
+
+
+def resolve_group(distributed_mesh: Any) -> dist.ProcessGroup | None:
+    """The process group a ``distributed_mesh`` argument names (``None``: no distribution)."""
+    if distributed_mesh is None:
+        return None
+    is_mesh = DeviceMesh is not None and isinstance(distributed_mesh, DeviceMesh)
+    if not (is_mesh or (dist.is_available() and isinstance(distributed_mesh, dist.ProcessGroup))):
+        raise ValueError(
+            f"Invalid distributed_mesh: {type(distributed_mesh).__name__}; expected None, a 1-D DeviceMesh or a "
+            "torch.distributed ProcessGroup"
+        )
+    if not dist.is_initialized():
+        raise ValueError(
+            "Invalid distributed_mesh: torch.distributed is not initialised (call "
+            "torch.distributed.init_process_group first, or pass distributed_mesh=None)"
+        )
+    if is_mesh is not None and isinstance(distributed_mesh, DeviceMesh):
+        if distributed_mesh.ndim != 1:
+            raise ValueError(
+                f"Invalid distributed_mesh: a DeviceMesh with {distributed_mesh.ndim} dimensions; expected a "
+                "1-D mesh (the data-parallel dimension) or a ProcessGroup"
+            )
+        return distributed_mesh.get_group()
+    return distributed_mesh
+
+
+def check_dtensor_param(index: int, p: Tensor) -> None:
+    """Refuse ``DTensor`` layouts other than FSDP2's: sharded on dim 0 over a 1-D mesh."""
+    if not is_dtensor(p):
+        return
+    if p.device_mesh.ndim != 1 or len(p.placements) != 1 or p.placements[0] != Shard(0):
+        raise ValueError(
+            f"Invalid parameter {index} (shape {tuple(p.shape)}): a DTensor with placements {p.placements} on a "
+            f"{p.device_mesh.ndim}-D mesh; limuon supports DTensor parameters sharded on dim 0 over a 1-D mesh "
+            "(FSDP2's fully_shard), or plain tensors"
+        )
+
+
+def shard_rows(m: int, world: int) -> list[int]:
+    """Rows of an ``m``-row matrix held by each rank under ``Shard(0)`` (``torch.chunk`` sizes)."""
+    chunk = -(-m // world)
+    return [max(0, min(chunk, m - k * chunk)) for k in range(world)]
+
+
+def take(stack: Tensor, idx: list[int]) -> Tensor:
+    """``stack[idx]`` along dim 0 (also for an empty ``idx``)."""
+    return stack.index_select(0, torch.tensor(idx, dtype=torch.long, device=stack.device))
+
+
+def reduce_flags(group: dist.ProcessGroup | None, flags: Tensor) -> tuple[Tensor, Tensor]:
+    """(any rank, every rank) of each 0/1 flag, with one all-reduce; ``flags`` itself when local."""
+    if group is None:
+        return flags, flags
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend(group)) \
+        else torch.device("cpu")
+    both = torch.cat([flags, 1 - flags]).to(device=device, dtype=torch.int32)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    both = both.cpu()
+    n = flags.numel()
+    return both[:n], 1 - both[n:]
+
+
+class Distribution:
+    """Who owns which matrix, for one optimizer. Owners are stable: a matrix's position among the
+    optimizer's matrices of its (shape, dtype), offset by the number of matrices of the classes
+    before it, modulo the world size, so consecutive same-shape matrices go to consecutive ranks."""
+
+    def __init__(self, params: list[Tensor], distributed_mesh: Any) -> None:
+        self.replicated_group = resolve_group(distributed_mesh)
+        meshes = {p.device_mesh for p in params if is_dtensor(p)}
+        if len(meshes) > 1:
+            raise ValueError("Invalid params: DTensor parameters on different device meshes; limuon needs one mesh")
+        self.mesh = next(iter(meshes)) if meshes else None
+        self.sharded_group = self.mesh.get_group() if self.mesh is not None else None
+        if self.sharded_group is not None and self.replicated_group is not None \
+                and dist.get_process_group_ranks(self.sharded_group) != \
+                dist.get_process_group_ranks(self.replicated_group):
+            raise ValueError(
+                "Invalid distributed_mesh: it differs from the device mesh of the DTensor parameters (under FSDP2 "
+                "leave distributed_mesh=None: the mesh is taken from the parameters)"
+            )
+        #: the group whose ranks must agree on every step (gradient checks), if any
+        self.group = self.sharded_group or self.replicated_group
+        counts: dict[Any, int] = {}
+        ordinals: dict[int, tuple[Any, int]] = {}
+        for p in params:
+            if p.ndim >= 2:
+                key = ((p.shape[0], p.numel() // max(p.shape[0], 1)), p.dtype)
+                ordinals[id(p)] = (key, counts.get(key, 0))
+                counts[key] = counts.get(key, 0) + 1
+        offsets, total = {}, 0
+        for key, count in counts.items():
+            offsets[key], total = total, total + count
+        self._position = {pid: offsets[key] + j for pid, (key, j) in ordinals.items()}
+
+    def layout(self, params: list[Tensor], shape: tuple[int, int]) -> BucketLayout:
+        """How the matrices ``params`` (one bucket, global 2-D ``shape``) move to and from their owners."""
+        if is_dtensor(params[0]):
+            group, mode = self.sharded_group, "sharded"
+        elif self.replicated_group is not None:
+            group, mode = self.replicated_group, "replicated"
+        else:
+            return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]])
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        owners = [self._position[id(p)] % world for p in params]
+        rows = shard_rows(shape[0], world) if mode == "sharded" else [shape[0]] * world
+        held = local(params[0]).shape[0]
+        if held != rows[rank]:
+            raise RuntimeError(
+                f"A DTensor parameter of shape {tuple(params[0].shape)} holds {held} rows on rank {rank}; Shard(0) "
+                f"over {world} ranks gives {rows[rank]} (limuon expects torch.chunk-style sharding, as FSDP2's)"
+            )
+        return BucketLayout(group, mode, world, rank, owners, shape, rows)
+
+
+@dataclass
+class BucketLayout:
+    group: dist.ProcessGroup | None
+    mode: str  # "local", "replicated" or "sharded"
+    world: int
+    rank: int
+    owners: list[int]
+    shape: tuple[int, int]
+    rows: list[int]
+
+    def __post_init__(self) -> None:
+        self.owned = [j for j, o in enumerate(self.owners) if o == self.rank]
+        self._by_owner = [[j for j, o in enumerate(self.owners) if o == k] for k in range(self.world)]
+
+    def to_owners(self, stack: Tensor) -> Tensor:
+        """``(B, m_local, ...)`` on every rank → ``(B_own, m, ...)``: the owned matrices, whole."""
+        if self.mode == "local":
+            return stack
+        if self.mode == "replicated":
+            return stack if len(self.owned) == len(self.owners) else take(stack, self.owned)
+        trailing = stack.shape[2:]
+        send = torch.cat([take(stack, idx).reshape(-1) for idx in self._by_owner])
+        per_row = trailing.numel()
+        in_splits = [len(idx) * self.rows[self.rank] * per_row for idx in self._by_owner]
+        out_splits = [len(self.owned) * r * per_row for r in self.rows]
+        recv = stack.new_empty(sum(out_splits))
+        dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=self.group)
+        parts = [part.view(len(self.owned), r, *trailing) for part, r in zip(recv.split(out_splits), self.rows)]
+        return torch.cat(parts, dim=1)
+
+    def from_owners(self, owned: Tensor) -> Tensor:
+        """``(B_own, m, ...)`` on each owner → ``(B, m_local, ...)`` on every rank (the inverse move)."""
+        if self.mode == "local":
+            return owned
+        B, trailing = len(self.owners), owned.shape[1:]
+        if self.mode == "replicated":
+            # All-gather with every rank's share padded to the largest one; then back to bucket order.
+            most = max(len(idx) for idx in self._by_owner)
+            padded = owned.new_zeros(most, *trailing)
+            padded[: len(self.owned)] = owned
+            gathered = owned.new_empty(self.world * most, *trailing)
+            dist.all_gather_into_tensor(gathered, padded, group=self.group)
+            out = owned.new_empty(B, *trailing)
+            for k, idx in enumerate(self._by_owner):
+                if idx:
+                    out[idx] = gathered[k * most: k * most + len(idx)]
+            return out
+        rest = trailing[1:]
+        per_row = rest.numel()
+        starts = [sum(self.rows[:k]) for k in range(self.world)]
+        send = torch.cat([owned[:, s: s + r].reshape(-1) for s, r in zip(starts, self.rows)])
+        in_splits = [len(self.owned) * r * per_row for r in self.rows]
+        mine = self.rows[self.rank]
+        out_splits = [len(idx) * mine * per_row for idx in self._by_owner]
+        recv = owned.new_empty(sum(out_splits))
+        dist.all_to_all_single(recv, send.contiguous(), out_splits, in_splits, group=self.group)
+        out = owned.new_empty(B, mine, *rest)
+        for idx, part in zip(self._by_owner, recv.split(out_splits)):
+            if idx:
+                out[idx] = part.view(len(idx), mine, *rest)
+        return out

@@ -1,0 +1,274 @@
+"""Multi-process training runs for tests/test_distributed.py (gloo on loopback, CPU).
+
+Each worker trains the same small transformer on its slice of one global batch, under DDP or FSDP2,
+and writes the full parameters after training (plus how many matrices it orthogonalised) to
+``out_dir/rank{r}.pt``. The test compares them with the same training in one process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import limuon
+from limuon._common import HybridOptimizer
+
+D, HIDDEN, OUT, BATCH, SEQ = 16, 40, 10, 6, 5
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv = nn.Linear(D, 3 * D, bias=False)  # (a key bias has a zero gradient: AdamW would amplify noise)
+        self.proj = nn.Linear(D, D, bias=False)
+        self.fc1, self.fc2 = nn.Linear(D, HIDDEN), nn.Linear(HIDDEN, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, T, 3, 2, D // 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, D)
+        x = x + self.proj(a)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class TinyTransformer(nn.Module):
+    """Two blocks, a conv (3-D weight), a 2×16 matrix (an empty shard on the third of 3 ranks), a head
+    with 10 rows (uneven shards) and an unused matrix (never has a gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(D, D, 3, padding=1)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.gate = nn.Parameter(0.3 * torch.randn(2, D))
+        self.head = nn.Linear(D, OUT)
+        self.unused = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.conv(x.transpose(1, 2)).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        x = x * (1 + torch.tanh(x @ self.gate.T).sum(-1, keepdim=True))
+        return self.head(x)
+
+
+def make_model(seed: int = 0) -> TinyTransformer:
+    torch.manual_seed(seed)
+    return TinyTransformer()
+
+
+def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(BATCH, SEQ, D, generator=g), torch.randint(0, OUT, (BATCH, SEQ), generator=g)
+
+
+#: name → (optimizer class, keyword arguments); every mode and both options of LiMuon, and Muon
+CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "muon": ("Muon", dict(lr=0.02)),
+    **{
+        f"limuon-{mode}-{'r3' if rank else 'dense'}": (
+            "LiMuon", dict(lr=0.02, variance_reduction=mode, rank=rank, weight_decay=0.01))
+        for mode in ("exact", "approx", "none") for rank in (None, 3)
+    },
+}
+
+
+def make_optimizer(config: str, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
+    cls, kwargs = CONFIGS[config]
+    return getattr(limuon, cls)(model.parameters(), **kwargs, **extra)
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+
+
+def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, whole (a collective for DTensors: all ranks must call it)."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.removeprefix("module.")] = t.detach().clone()
+    return out
+
+
+class CountOrthogonalised:
+    """Counts the matrices this process orthogonalises (to show the work is split across ranks)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._original = HybridOptimizer.__dict__["_orthogonalize"]
+
+    def __enter__(self) -> CountOrthogonalised:
+        original = self._original.__func__
+
+        def counting(group: dict, X: torch.Tensor) -> torch.Tensor:
+            self.count += X.shape[0]
+            return original(group, X)
+
+        HybridOptimizer._orthogonalize = staticmethod(counting)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        HybridOptimizer._orthogonalize = self._original
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo process group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+
+
+def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    # A timeout turns a hang (ranks waiting in different collectives) into an error.
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    fn(rank, world, *args)
+    dist.barrier()  # no rank tears down gloo while another still talks to it
+    dist.destroy_process_group()
+
+
+def _local_batch(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = make_batch()
+    per = BATCH // world
+    return x[rank * per: (rank + 1) * per], y[rank * per: (rank + 1) * per]
+
+
+def _wrap(engine: str, model: nn.Module, world: int) -> tuple[nn.Module, Any]:
+    """The model under ``engine`` and the ``distributed_mesh`` argument to pass."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if engine == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world,))
+        for block in model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, None
+    ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    if engine == "ddp-mesh":
+        return ddp, init_device_mesh("cpu", (world,))
+    if engine == "ddp-group":
+        return ddp, dist.group.WORLD
+    return ddp, None  # "ddp-none": every rank does all the work
+
+
+def train_configs(rank: int, world: int, engine: str, configs: list[str], steps: int, out_dir: str) -> None:
+    """Train every config under ``engine``; save full parameters and orthogonalisation counts."""
+    x, y = _local_batch(rank, world)
+    results = {}
+    for config in configs:
+        model, mesh = _wrap(engine, make_model(), world)
+        opt = make_optimizer(config, model, distributed_mesh=mesh)
+        with CountOrthogonalised() as counter:
+            train(model, opt, x, y, steps)
+        results[config] = {"params": full_params(model), "orthogonalised": counter.count}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def failing_steps(rank: int, world: int, out_dir: str) -> None:
+    """FSDP2: a NaN in one rank's shard, and a gradient on one rank only, must fail the step on every
+    rank (no hang) and change nothing."""
+    x, y = _local_batch(rank, world)
+    model, _ = _wrap("fsdp", make_model(), world)
+    opt = make_optimizer("limuon-exact-r3", model)
+    train(model, opt, x, y, 2)
+    before = full_params(model)
+    state_before = _state_snapshot(opt)
+    messages = []
+
+    def nan_on_rank0() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if rank == 0:
+            model.blocks[0].fc1.weight.grad.to_local()[0, 0] = float("nan")
+        return loss
+
+    def grad_on_rank0_only() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        if rank == 0:
+            model.unused.weight.grad = torch.zeros_like(model.unused.weight)
+        return loss
+
+    for closure in (nan_on_rank0, grad_on_rank0_only):
+        try:
+            opt.step(closure)
+            messages.append(None)
+        except RuntimeError as e:
+            messages.append(f"{type(e).__name__}: {e}")
+    after = full_params(model)
+    state_after = _state_snapshot(opt)
+    unchanged = all(torch.equal(before[k], after[k]) for k in before) and state_before.keys() == state_after.keys() \
+        and all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    torch.save({"messages": messages, "unchanged": unchanged}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _state_snapshot(opt: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
+    return {(i, k): (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+            for i, st in enumerate(opt.state.values()) for k, v in st.items()}
+
+
+def checkpoint_save(rank: int, world: int, config: str, ckpt: str, out_dir: str) -> None:
+    """FSDP2: train 2 steps, save model and optimizer with torch.distributed.checkpoint, train 2 more."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    x, y = _local_batch(rank, world)
+    model, _ = _wrap("fsdp", make_model(), world)
+    opt = make_optimizer(config, model)
+    train(model, opt, x, y, 2)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=ckpt)
+    train(model, opt, x, y, 2)
+    torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str) -> None:
+    """FSDP2: a fresh model (other initial weights) and optimizer, restored from ``ckpt``, 2 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    x, y = _local_batch(rank, world)
+    model, _ = _wrap("fsdp", make_model(seed=1), world)
+    opt = make_optimizer(config, model)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    # The unused matrix never had a gradient, so the checkpoint holds no state for it, while the
+    # fresh optimizer was given some by get_optimizer_state_dict (a step on zero gradients with lr = 0,
+    # as for every torch optimizer, torch.optim.AdamW included): load what the checkpoint has.
+    dcp.load(state, checkpoint_id=ckpt, planner=dcp.DefaultLoadPlanner(allow_partial_load=True))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    train(model, opt, x, y, 2)
+    torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
