@@ -86,10 +86,13 @@ def make_optimizer(config: str, model: nn.Module, **extra: Any) -> torch.optim.O
     return getattr(limuon, cls)(model.parameters(), **kwargs, **extra)
 
 
-def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
+          extra: nn.Parameter | None = None) -> None:
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        if extra is not None:  # a parameter outside the model: the same gradient on every rank
+            loss = loss + 0.01 * (extra**2).sum()
         loss.backward()
         return loss
 
@@ -133,18 +136,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn(fn: Callable[..., None], world: int, *args: Any) -> None:
-    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a gloo process group."""
+def spawn(fn: Callable[..., None], world: int, *args: Any, backend: str = "gloo") -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` processes joined by a process group."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), backend, fn, args), nprocs=world, join=True)
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+def _entry(rank: int, world: int, port: int, backend: str, fn: Callable[..., None], args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
     # A timeout turns a hang (ranks waiting in different collectives) into an error.
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     fn(rank, world, *args)
     dist.barrier()  # no rank tears down gloo while another still talks to it
@@ -164,7 +169,7 @@ def _wrap(engine: str, model: nn.Module, world: int) -> tuple[nn.Module, Any]:
     if engine == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh("cpu", (world,))
+        mesh = init_device_mesh(next(model.parameters()).device.type, (world,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(model, mesh=mesh)
@@ -230,6 +235,51 @@ def failing_steps(rank: int, world: int, out_dir: str) -> None:
     torch.save({"messages": messages, "unchanged": unchanged}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+def nccl_triton_fsdp(rank: int, world: int, configs: list[str], steps: int, out_dir: str) -> None:
+    """FSDP2 on CUDA with NCCL: train, and record which ops ran as Triton kernels."""
+    import limuon_kernels.ops as ops
+
+    used: set[str] = set()
+    original = ops._triton_kernel
+
+    def recording(name: str):
+        used.add(name)
+        return original(name)
+
+    ops._triton_kernel = recording
+    x, y = (t.cuda() for t in _local_batch(rank, world))
+    results = {}
+    for config in configs:
+        model, _ = _wrap("fsdp", make_model().cuda(), world)
+        opt = make_optimizer(config, model)
+        train(model, opt, x, y, steps)
+        results[config] = {"params": {k: v.cpu() for k, v in full_params(model).items()}}
+    results["triton_ops"] = sorted(used)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def make_extra() -> nn.Parameter:
+    return nn.Parameter(torch.randn(D, D, generator=torch.Generator().manual_seed(7)))
+
+
+def grow(model: nn.Module, extra: nn.Parameter, x: torch.Tensor, y: torch.Tensor) -> None:
+    """LiMuon (exact, rank 3) on the blocks for 2 steps; then a param group with the rest of the model
+    and ``extra`` (a plain tensor of the shape of a sharded one) is added, and 2 more steps."""
+    opt = limuon.LiMuon(list(model.blocks.parameters()), lr=0.02, rank=3, weight_decay=0.01)
+    train(model, opt, x, y, 2, extra)
+    rest = [p for name, p in model.named_parameters() if ".blocks." not in f".{name}"]
+    opt.add_param_group({"params": [*rest, extra]})
+    train(model, opt, x, y, 2, extra)
+
+
+def grow_fsdp(rank: int, world: int, out_dir: str) -> None:
+    model, _ = _wrap("fsdp", make_model(), world)
+    extra = make_extra()
+    grow(model, extra, *_local_batch(rank, world))
+    torch.save({"params": {**full_params(model), "extra": extra.detach().clone()}},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _state_snapshot(opt: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
     return {(i, k): (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
             for i, st in enumerate(opt.state.values()) for k, v in st.items()}
@@ -238,7 +288,11 @@ def _state_snapshot(opt: torch.optim.Optimizer) -> dict[tuple[int, str], torch.T
 def checkpoint_save(rank: int, world: int, config: str, ckpt: str, out_dir: str) -> None:
     """FSDP2: train 2 steps, save model and optimizer with torch.distributed.checkpoint, train 2 more."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     x, y = _local_batch(rank, world)
     model, _ = _wrap("fsdp", make_model(), world)
@@ -246,14 +300,21 @@ def checkpoint_save(rank: int, world: int, config: str, ckpt: str, out_dir: str)
     train(model, opt, x, y, 2)
     dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
              checkpoint_id=ckpt)
+    # And a full (gathered, CPU) state dict, as saved by rank 0 alone.
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = {"model": get_model_state_dict(model, options=full),
+             "optim": get_optimizer_state_dict(model, opt, options=full)}
+    if rank == 0:
+        torch.save(state, ckpt + ".full.pt")
     train(model, opt, x, y, 2)
     torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str) -> None:
+def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str, full: bool = False) -> None:
     """FSDP2: a fresh model (other initial weights) and optimizer, restored from ``ckpt``, 2 steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
         get_model_state_dict,
         get_optimizer_state_dict,
         set_model_state_dict,
@@ -263,6 +324,16 @@ def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str)
     x, y = _local_batch(rank, world)
     model, _ = _wrap("fsdp", make_model(seed=1), world)
     opt = make_optimizer(config, model)
+    if full:
+        # The full state dict rank 0 saved, loaded by every rank (the missing state of the unused matrix:
+        # strict=False, for the reason given below).
+        state = torch.load(ckpt + ".full.pt", weights_only=False)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, state["model"], options=options)
+        set_optimizer_state_dict(model, opt, state["optim"], options=options)
+        train(model, opt, x, y, 2)
+        torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        return
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     # The unused matrix never had a gradient, so the checkpoint holds no state for it, while the
     # fresh optimizer was given some by get_optimizer_state_dict (a step on zero gradients with lr = 0,

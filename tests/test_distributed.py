@@ -106,17 +106,18 @@ def test_failures_are_raised_on_every_rank_and_change_nothing(tmp_path):
 @pytest.mark.parametrize("config", ["limuon-exact-r3", "muon"])
 def test_dcp_checkpoint_resumes(config, tmp_path):
     """Save with torch.distributed.checkpoint on 2 FSDP2 ranks; resume on 2 and on 3 ranks (the
-    low-rank factors live on each matrix's owner, and owners change with the world size)."""
+    low-rank factors live on each matrix's owner, and owners change with the world size); and from a
+    full state dict that rank 0 gathered and saved alone, on 3 ranks."""
     w = _worker()
     ckpt = str(tmp_path / "ckpt")
-    for world in (2, 3):
-        (tmp_path / f"out{world}").mkdir()
     (tmp_path / "straight").mkdir()
     w.spawn(w.checkpoint_save, 2, config, ckpt, str(tmp_path / "straight"))
     straight = _load_ranks(tmp_path / "straight", 2)[0]["params"]
-    for world in (2, 3):
-        w.spawn(w.checkpoint_load, world, config, ckpt, str(tmp_path / f"out{world}"))
-        for r, result in enumerate(_load_ranks(tmp_path / f"out{world}", world)):
+    for world, full in ((2, False), (3, False), (3, True)):
+        out = tmp_path / f"out{world}{'full' if full else ''}"
+        out.mkdir(exist_ok=True)
+        w.spawn(w.checkpoint_load, world, config, ckpt, str(out), full)
+        for r, result in enumerate(_load_ranks(out, world)):
             for name, value in straight.items():
                 # Same world size: the same operations in the same order, so the same bits.
                 tol = dict(atol=0, rtol=0) if world == 2 else _tolerance(config)
@@ -133,6 +134,44 @@ def test_single_process_group_changes_nothing(tmp_path):
         expected, _ = _single_process(config)
         for name in expected:
             torch.testing.assert_close(result[config]["params"][name], expected[name], atol=0, rtol=0)
+
+
+def test_param_group_added_later_with_a_plain_matrix(tmp_path):
+    """FSDP2, 3 ranks: a param group added after 2 steps (matrix owners must not move: the low-rank
+    factors stay where they are) holding also a plain tensor of a sharded matrix's shape."""
+    w = _worker()
+    x, y = w.make_batch()
+    model, extra = w.make_model(), w.make_extra()
+    w.grow(model, extra, x, y)
+    expected = {**w.full_params(model), "extra": extra.detach()}
+    w.spawn(w.grow_fsdp, 3, str(tmp_path))
+    for r, result in enumerate(_load_ranks(tmp_path, 3)):
+        for name, value in expected.items():
+            torch.testing.assert_close(result["params"][name], value, atol=1e-4, rtol=0,
+                                       msg=lambda m, n=name, r=r: f"rank {r} {n}: {m}")
+
+
+@pytest.mark.gpu
+def test_fsdp2_nccl_on_one_gpu_runs_the_triton_kernels(tmp_path):
+    """FSDP2 with NCCL on one GPU: the optimizer's ops run as Triton kernels there, and the result
+    is that of the same training without FSDP2 on the same GPU."""
+    import limuon_kernels as lk
+
+    if lk.backend.resolve(torch.device("cuda")) != "triton":
+        pytest.skip("the Triton backend is not usable on this GPU")
+    w = _worker()
+    configs = ["muon", "limuon-exact-r3", "limuon-approx-dense"]
+    w.spawn(w.nccl_triton_fsdp, 1, configs, STEPS, str(tmp_path), backend="nccl")
+    result = _load_ranks(tmp_path, 1)[0]
+    assert {"newton_schulz", "rsvd", "storm_update_", "lowrank_storm"} <= set(result["triton_ops"]), result
+    x, y = (t.cuda() for t in w.make_batch())
+    for config in configs:
+        model = w.make_model().cuda()
+        w.train(model, w.make_optimizer(config, model), x, y, STEPS)
+        for name, value in w.full_params(model).items():
+            # bf16 Newton–Schulz on GPUs: the two runs agree to bf16 rounding of identical inputs.
+            torch.testing.assert_close(result[config]["params"][name], value.cpu(), atol=1e-3, rtol=0,
+                                       msg=lambda m, c=config, n=name: f"{c} {n}: {m}")
 
 
 # -- argument checks (no process group needed) ----------------------------------------------------

@@ -102,15 +102,23 @@ def test_muon_rejects_bad_hyperparameter(name, value):
 
 
 def test_exact_mode_without_closure():
+    # The first exact step needs only g_0 (M_0 = g_0), so it may use .grad without a closure
+    # (torch.distributed.checkpoint initialises state that way); from the second step on the
+    # gradient at the previous iterate is needed, and a missing closure fails with nothing changed.
     params = _params()
     opt = limuon.LiMuon(params, variance_reduction="exact")
     for p in params:
         p.grad = torch.ones_like(p)
+    initial = [p.detach().clone() for p in params]
+    opt.step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, initial))
     before = [p.detach().clone() for p in params]
+    state_before = copy.deepcopy(opt.state_dict())
     with pytest.raises(Exception, match=r"closure") as info:
         opt.step()
     assert "approx" in str(info.value)
     assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert _equal_nested(opt.state_dict(), state_before)
 
 
 # -- non-finite gradients -------------------------------------------------------------------------

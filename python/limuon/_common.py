@@ -13,9 +13,21 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+import limuon_kernels as lk
+from limuon._distributed import (
+    Distribution,
+    check_dtensor_param,
+    is_dtensor,
+    local,
+    reduce_flags,
+    resolve_group,
+    wrap_like,
+)
 from limuon_kernels.ns_coefficients import resolve_coefficients
 
 ADAMW = "adamw"
+#: state entries shaped like their parameter (stored as a DTensor sharded like it under FSDP2)
+PARAM_SHAPED_STATE = ("momentum_buffer", "last_update", "exp_avg", "exp_avg_sq")
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 
 
@@ -92,7 +104,8 @@ def check_ns_group(group: dict) -> None:
 
 
 def matrix_shape(p: Tensor) -> tuple[int, int]:
-    """The 2-D view an N-D parameter is orthogonalised as: ``(out, in·kh·kw)`` for a conv weight."""
+    """The 2-D view an N-D parameter is orthogonalised as: ``(out, in·kh·kw)`` for a conv weight
+    (the global shape for a ``DTensor``)."""
     return p.shape[0], p.numel() // p.shape[0]
 
 
@@ -106,12 +119,19 @@ def lr_scale(adjust_lr_fn: str | None, m: int, n: int) -> float:
 # -- gradients ------------------------------------------------------------------------------------
 
 
-def check_gradients(items: list[tuple[int, Tensor, Tensor]], what: str = "gradient") -> None:
-    """Refuse sparse, complex or non-finite gradients; ``items`` are (param index, param, grad).
+def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = "gradient",
+                    group: Any = None, required: bool = False, lost_state: list[bool] | None = None) -> None:
+    """Refuse sparse, complex or non-finite gradients; ``items`` are (param index, param, grad or None).
 
-    Finiteness is checked with one host synchronisation for all gradients.
+    A ``None`` gradient is skipped, or refused when ``required``. With a process ``group`` every rank
+    must see the same thing: the flags of all ranks are combined with one all-reduce, so a NaN in one
+    rank's shard, or a gradient that exists on some ranks only, fails the step on every rank (instead of
+    one rank raising while the others wait in a collective). One host synchronisation in all.
+    ``lost_state[j]``: this rank owns matrix ``j`` but lacks its low-rank factors (checked alike).
     """
     for idx, p, g in items:
+        if g is None:
+            continue
         if g.is_sparse:
             raise RuntimeError(
                 f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is sparse; limuon supports dense "
@@ -124,15 +144,48 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor]], what: str = "gradie
             )
     if not items:
         return
-    finite = torch.stack([torch.isfinite(g).all().to(items[0][2].device) for _, _, g in items])
-    if bool(finite.all()):
-        return
-    bad = int((~finite).nonzero()[0, 0])
-    idx, p, _ = items[bad]
-    raise NonFiniteGradientError(
-        f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is not finite (it contains NaN or Inf); "
-        "the step was skipped and no parameter or optimizer state was changed"
-    )
+    present = [g is not None for _, _, g in items]
+    if group is None and not required and not all(present):
+        items = [it for it, has in zip(items, present) if has]
+        present = [True] * len(items)
+        if not items:
+            return
+    device = next((local(g).device for _, _, g in items if g is not None), torch.device("cpu"))
+    finite = torch.stack([  # (parameters may live on several devices: one flag per gradient, on one device)
+        torch.isfinite(local(g)).all().to(device) if g is not None else torch.ones((), dtype=torch.bool, device=device)
+        for _, _, g in items
+    ])
+    lost = torch.tensor(lost_state if lost_state is not None else [False] * len(items), dtype=torch.int32)
+    flags = torch.cat([torch.tensor(present, dtype=torch.int32), (~finite).to(torch.int32).cpu(), lost])
+    anywhere, everywhere = (t.tolist() for t in reduce_flags(group, flags))
+    n = len(items)
+    for j, (idx, p, _) in enumerate(items):
+        if anywhere[j] and not everywhere[j]:
+            raise RuntimeError(
+                f"Parameter {idx} (shape {tuple(p.shape)}) has a {what} on some ranks and none on others; every "
+                "rank must step the same parameters. The step was skipped and nothing was changed"
+            )
+        if required and not anywhere[j]:
+            raise RuntimeError(
+                f"The closure produced no {what} for parameter {idx} (shape {tuple(p.shape)}); it must run "
+                "backward through the same parameters every time it is called"
+            )
+    lost_somewhere = [j for j, flag in enumerate(anywhere[2 * n:]) if flag]
+    if lost_somewhere:
+        idx, p, _ = items[lost_somewhere[0]]
+        raise RuntimeError(
+            f"The optimizer has no low-rank factors (U, S, V) for parameter {idx} (shape {tuple(p.shape)}) on the "
+            "rank that owns it. Restore optimizer state with the optimizer's own state_dict() (which gathers "
+            "them from their owners under FSDP2) or torch.distributed.checkpoint. Nothing was changed"
+        )
+    bad = [j for j, flag in enumerate(anywhere[n: 2 * n]) if flag]
+    if bad:
+        idx, p, _ = items[bad[0]]
+        where = " on at least one rank" if group is not None else ""
+        raise NonFiniteGradientError(
+            f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is not finite{where} (it contains NaN or "
+            "Inf); the step was skipped and no parameter or optimizer state was changed"
+        )
 
 
 # -- batching of same-shape matrices --------------------------------------------------------------
@@ -140,15 +193,24 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor]], what: str = "gradie
 
 @dataclass
 class Bucket:
-    """Same-shape, same-dtype, same-device matrices of one param group, processed as one batch."""
+    """Same-shape, same-dtype, same-device matrices of one param group, processed as one batch.
+
+    ``shape`` is the global 2-D shape; ``local_shape`` the part this rank holds (fewer rows for a
+    parameter sharded by FSDP2, else the same).
+    """
 
     shape: tuple[int, int]
+    local_shape: tuple[int, int]
     params: list[Tensor] = field(default_factory=list)
     indices: list[int] = field(default_factory=list)
 
     def stack(self, tensors: list[Tensor]) -> Tensor:
-        """Stack per-parameter tensors as ``(B, m, n)`` (conv weights flattened to 2-D)."""
-        return torch.stack([t.reshape(self.shape) for t in tensors])
+        """Stack this rank's parts of per-parameter tensors as ``(B, m_local, n)`` (conv weights flattened)."""
+        return torch.stack([local(t).reshape(self.local_shape) for t in tensors])
+
+    @property
+    def local_params(self) -> list[Tensor]:
+        return [local(p) for p in self.params]
 
 
 def make_buckets(params: list[Tensor], indices: list[int], key: Callable[[Tensor], Any] = lambda p: None
@@ -156,15 +218,17 @@ def make_buckets(params: list[Tensor], indices: list[int], key: Callable[[Tensor
     """Group matrices by (2-D shape, dtype, device, key(p)), keeping first-appearance order."""
     buckets: dict[Any, Bucket] = {}
     for p, idx in zip(params, indices):
-        k = (matrix_shape(p), p.dtype, p.device, key(p))
-        b = buckets.setdefault(k, Bucket(shape=matrix_shape(p)))
+        k = (matrix_shape(p), p.dtype, p.device, is_dtensor(p), key(p))  # sharded and plain: never one batch
+        shape = matrix_shape(p)
+        b = buckets.setdefault(k, Bucket(shape=shape, local_shape=(local(p).shape[0], shape[1])))
         b.params.append(p)
         b.indices.append(idx)
     return list(buckets.values())
 
 
 def apply_update(params: list[Tensor], O: Tensor, lr: float, weight_decay: float, scale: float) -> None:
-    """``W ← W·(1 − lr·wd) − lr·scale·O`` for every matrix of the batch (decoupled weight decay)."""
+    """``W ← W·(1 − lr·wd) − lr·scale·O`` for every matrix of the batch (decoupled weight decay);
+    ``params`` are the tensors this rank holds (local shards), ``O`` their part of the update."""
     updates = [o.view_as(p) for o, p in zip(O.unbind(0), params)]
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
@@ -186,9 +250,11 @@ class HybridOptimizer(Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        first_index = sum(len(g["params"]) for g in self.param_groups[:-1])
         try:
             self._check_group(group)
-            for p in group["params"]:
+            for j, p in enumerate(group["params"]):
+                check_dtensor_param(first_index + j, p)
                 if p.is_complex():
                     raise ValueError(
                         f"Invalid parameter of shape {tuple(p.shape)}: complex parameters are not supported"
@@ -205,6 +271,48 @@ class HybridOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def _set_distributed_mesh(self, distributed_mesh: Any) -> None:
+        """Validate and keep ``distributed_mesh`` (before ``Optimizer.__init__`` adds the groups)."""
+        resolve_group(distributed_mesh)
+        self._distributed_mesh = distributed_mesh
+
+    def distribution(self) -> Distribution:
+        """Matrix ownership across ranks (updated when parameters are added; owners never move)."""
+        distribution = self.__dict__.get("_distribution")
+        if distribution is None:
+            distribution = self.__dict__["_distribution"] = Distribution(self.__dict__.get("_distributed_mesh"))
+        params = [p for g in self.param_groups for p in g["params"]]
+        key = tuple(id(p) for p in params)
+        if self.__dict__.get("_distribution_key") != key:
+            distribution.update(params)
+            self.__dict__["_distribution_key"] = key
+        return distribution
+
+    def _check_step_gradients(self, split: list) -> None:
+        """Every gradient of this step (also the missing ones, which all ranks must agree on)."""
+        items = []
+        idx = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                items.append((idx, p, p.grad))
+                idx += 1
+        check_gradients(items, group=self.distribution().group, lost_state=self._lost_state(items))
+
+    def _lost_state(self, items: list[tuple[int, Tensor, Tensor | None]]) -> list[bool] | None:
+        """Per item: state this rank needs for the step is missing (see check_gradients)."""
+        return None
+
+    @staticmethod
+    def _orthogonalize(group: dict, X: Tensor) -> Tensor:
+        """The orthogonalised ``(B, m, n)`` batch (Newton–Schulz, or the SVD polar factor when the group
+        asks for it); an empty batch (a rank that owns none of these matrices) stays empty."""
+        if X.shape[0] == 0:
+            return X.clone()
+        if group.get("orthogonalizer") == "svd":
+            return lk.orthogonalize_svd(X)
+        return lk.newton_schulz(X, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
+                                eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
 
     def _check_group(self, group: dict) -> None:
         check_choice("algorithm", group.get("algorithm"), (None, ADAMW, self._matrix_algorithm))
@@ -234,7 +342,9 @@ class HybridOptimizer(Optimizer):
         if not params:
             return
         lr = float(group["lr"])
-        if group["adamw_lr"] is not None:
+        # lr = 0 freezes the whole group, AdamW part included (torch.distributed.checkpoint initialises
+        # optimizer state by a step with lr = 0 and zero gradients: weight decay must not move anything).
+        if group["adamw_lr"] is not None and lr != 0.0:
             # A scheduler changes group["lr"] only (it records the starting value as initial_lr):
             # apply its factor to adamw_lr too, so AdamW-routed parameters follow the schedule.
             factor = lr / float(group["initial_lr"]) if group.get("initial_lr") else 1.0
@@ -250,16 +360,17 @@ class HybridOptimizer(Optimizer):
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["step"] += 1
-            grads.append(p.grad)
-            exp_avgs.append(st["exp_avg"])
-            exp_avg_sqs.append(st["exp_avg_sq"])
+            grads.append(local(p.grad))
+            exp_avgs.append(local(st["exp_avg"]))
+            exp_avg_sqs.append(local(st["exp_avg_sq"]))
+        steps = [float(state[p]["step"]) for p in params]
+        params = [local(p) for p in params]  # elementwise: each rank updates its own shard
         if wd != 0.0:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        for p, m, v in zip(params, exp_avgs, exp_avg_sqs):
-            step = float(state[p]["step"])
+        for p, m, v, step in zip(params, exp_avgs, exp_avg_sqs, steps):
             bias1 = 1.0 - beta1**step
             bias2_sqrt = math.sqrt(1.0 - beta2**step)
             denom = (v.sqrt() / bias2_sqrt).add_(eps)
@@ -276,18 +387,19 @@ class HybridOptimizer(Optimizer):
         stacks = self.__dict__.setdefault("_stacks", {})
         stacked = stacks.get((name, tuple(id(p) for p in params)))
         states = [self.state[p] for p in params]
-        if stacked is not None and all(st[name].data_ptr() == stacked[i].data_ptr() for i, st in enumerate(states)):
+        if stacked is not None and all(local(st[name]).data_ptr() == stacked[i].data_ptr()
+                                       for i, st in enumerate(states)):
             return stacked
-        parts = [st[name] if slice_shape is None else st[name].reshape(slice_shape) for st in states]
+        parts = [local(st[name]) if slice_shape is None else local(st[name]).reshape(slice_shape) for st in states]
         return self.adopt_stacked_state(params, name, torch.stack(parts))
 
     def adopt_stacked_state(self, params: list[Tensor], name: str, stacked: Tensor) -> Tensor:
         """Make slice ``i`` of ``stacked`` the state ``name`` of ``params[i]`` (a view, shaped like the
-        parameter for parameter-shaped state)."""
+        parameter for parameter-shaped state: for a ``DTensor`` parameter, a ``DTensor`` sharded alike)."""
         self.drop_state(params, name)  # an older grouping of these parameters: drop it, or it stays alive
         stacks = self.__dict__["_stacks"]
         for p, part in zip(params, stacked.unbind(0)):
-            self.state[p][name] = part.view(p.shape) if part.numel() == p.numel() else part
+            self.state[p][name] = wrap_like(p, part.view(local(p).shape)) if name in PARAM_SHAPED_STATE else part
         stacks[(name, tuple(id(p) for p in params))] = stacked
         return stacked
 

@@ -112,12 +112,26 @@ def reduce_flags(group: dist.ProcessGroup | None, flags: Tensor) -> tuple[Tensor
 
 
 class Distribution:
-    """Who owns which matrix, for one optimizer. Owners are stable: a matrix's position among the
-    optimizer's matrices of its (shape, dtype), offset by the number of matrices of the classes
-    before it, modulo the world size, so consecutive same-shape matrices go to consecutive ranks."""
+    """Who owns which matrix, for one optimizer.
 
-    def __init__(self, params: list[Tensor], distributed_mesh: Any) -> None:
+    A matrix's owner is ``position % world``. Positions are handed out once, in parameter order, and
+    never change (also when param groups are added later: under FSDP2 the low-rank factors of a matrix
+    live on its owner). Same-shape matrices get consecutive positions, starting at the number of
+    matrices seen before the first of their shape, so a shape's matrices spread over consecutive
+    ranks and single matrices of different shapes over different ranks.
+    """
+
+    def __init__(self, distributed_mesh: Any) -> None:
         self.replicated_group = resolve_group(distributed_mesh)
+        self.mesh = self.sharded_group = None
+        #: the group whose ranks must agree on every step (gradient checks), if any
+        self.group = self.replicated_group
+        self._position: dict[int, int] = {}
+        self._count: dict[Any, int] = {}
+        self._offset: dict[Any, int] = {}
+
+    def update(self, params: list[Tensor]) -> None:
+        """Take in the optimizer's current parameters (positions of known ones are kept)."""
         meshes = {p.device_mesh for p in params if is_dtensor(p)}
         if len(meshes) > 1:
             raise ValueError("Invalid params: DTensor parameters on different device meshes; limuon needs one mesh")
@@ -130,19 +144,17 @@ class Distribution:
                 "Invalid distributed_mesh: it differs from the device mesh of the DTensor parameters (under FSDP2 "
                 "leave distributed_mesh=None: the mesh is taken from the parameters)"
             )
-        #: the group whose ranks must agree on every step (gradient checks), if any
         self.group = self.sharded_group or self.replicated_group
-        counts: dict[Any, int] = {}
-        ordinals: dict[int, tuple[Any, int]] = {}
         for p in params:
-            if p.ndim >= 2:
-                key = ((p.shape[0], p.numel() // max(p.shape[0], 1)), p.dtype)
-                ordinals[id(p)] = (key, counts.get(key, 0))
-                counts[key] = counts.get(key, 0) + 1
-        offsets, total = {}, 0
-        for key, count in counts.items():
-            offsets[key], total = total, total + count
-        self._position = {pid: offsets[key] + j for pid, (key, j) in ordinals.items()}
+            if p.ndim < 2 or id(p) in self._position:
+                continue
+            key = ((p.shape[0], p.numel() // max(p.shape[0], 1)), p.dtype)
+            self._offset.setdefault(key, len(self._position))
+            self._position[id(p)] = self._offset[key] + self._count.get(key, 0)
+            self._count[key] = self._count.get(key, 0) + 1
+
+    def owner(self, p: Tensor, world: int) -> int:
+        return self._position[id(p)] % world
 
     def layout(self, params: list[Tensor], shape: tuple[int, int]) -> BucketLayout:
         """How the matrices ``params`` (one bucket, global 2-D ``shape``) move to and from their owners."""
@@ -153,7 +165,7 @@ class Distribution:
         else:
             return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]])
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        owners = [self._position[id(p)] % world for p in params]
+        owners = [self.owner(p, world) for p in params]
         rows = shard_rows(shape[0], world) if mode == "sharded" else [shape[0]] * world
         held = local(params[0]).shape[0]
         if held != rows[rank]:

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 import limuon_kernels as lk
@@ -22,6 +23,7 @@ from limuon._common import (
     make_buckets,
     matrix_shape,
 )
+from limuon._distributed import is_dtensor, local
 
 VARIANCE_REDUCTIONS = ("exact", "approx", "none")
 ORTHOGONALIZERS = ("newton_schulz", "svd")
@@ -70,6 +72,15 @@ class LiMuon(HybridOptimizer):
         weight_decay: decoupled weight decay; adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"``.
         seed: base seed of the RSVD sketches.
         ns_compute_dtype: matmul dtype of Newton–Schulz (``None``: fp32 on CPU, bf16 on GPU).
+        distributed_mesh: ``None``, or a 1-D ``DeviceMesh`` / ``ProcessGroup`` over which DDP-replicated
+            matrices are split: each rank orthogonalises (and, for Option #2, compresses) its share and
+            the results are all-gathered, so every rank keeps the same state. FSDP2's ``DTensor``
+            parameters need no argument: each matrix is gathered whole on a fixed owner rank (all-to-all),
+            orthogonalised and compressed there, and sent back as shards; the elementwise work stays on
+            the local shards, and the low-rank factors ``U, S, V`` live on the owner only.
+
+    ``"exact"`` mode's first step may run without a closure (it uses the gradients already in
+    ``.grad``; torch.distributed.checkpoint initialises optimizer state that way).
     """
 
     _matrix_algorithm = "limuon"
@@ -97,6 +108,7 @@ class LiMuon(HybridOptimizer):
         adamw_weight_decay: float | None = None,
         seed: int = 0,
         ns_compute_dtype: torch.dtype | None = None,
+        distributed_mesh: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, rank=rank, oversample=oversample, power_iters=power_iters,
@@ -105,6 +117,7 @@ class LiMuon(HybridOptimizer):
             adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, seed=seed, algorithm=None,
         )
+        self._set_distributed_mesh(distributed_mesh)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -139,6 +152,84 @@ class LiMuon(HybridOptimizer):
         for pid, p in zip(saved_ids, params):
             for k, v in kept.get(pid, {}).items():
                 self.state[p][k] = v.to(device=p.device)
+        self._drop_foreign_factors()
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict. Under FSDP2 the low-rank factors of each matrix live on its owner
+        rank only; here they are gathered from their owners (one broadcast per such matrix, a collective:
+        every rank must call this), so every rank's state dict, a full state dict gathered on rank 0 and a
+        torch.distributed.checkpoint hold all of them, and can be loaded at any world size."""
+        state_dict = super().state_dict()
+        if self.distribution().sharded_group is None:
+            return state_dict
+        gathered = self._gather_factors()
+        if gathered:
+            state_dict["state"] = dict(state_dict["state"])
+            for idx, factors in gathered.items():
+                state_dict["state"][idx] = {**state_dict["state"].get(idx, {}), **factors}
+        return state_dict
+
+    def _sharded_matrices(self) -> list[tuple[int, Tensor]]:
+        out, idx = [], 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._is_matrix(group, p) and is_dtensor(p):
+                    out.append((idx, p))
+                idx += 1
+        return out
+
+    def _gather_factors(self) -> dict[int, dict[str, Tensor]]:
+        """``{param index: {"U", "S", "V"}}`` of the sharded matrices whose factors another rank owns."""
+        distribution = self.distribution()
+        group = distribution.sharded_group
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        matrices = self._sharded_matrices()
+        mine = {i: (self.state[p]["U"].shape[-1], self.state[p]["U"].dtype) for i, p in matrices
+                if distribution.owner(p, world) == rank and "U" in self.state.get(p, {})}
+        everyone: list[Any] = [None] * world
+        dist.all_gather_object(everyone, mine, group=group)
+        out = {}
+        for i, p in matrices:
+            owner = distribution.owner(p, world)
+            if i not in everyone[owner]:
+                continue
+            (r, dtype), (m, n) = everyone[owner][i], matrix_shape(p)
+            if owner == rank:
+                st = self.state[p]
+                flat = torch.cat([st[k].reshape(-1).to(dtype) for k in ("U", "S", "V")])
+            else:
+                flat = torch.empty((m + 1 + n) * r, dtype=dtype, device=local(p).device)
+            dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
+            if owner != rank:
+                U, S, V = flat.split([m * r, r, n * r])
+                out[i] = {"U": U.view(m, r), "S": S, "V": V.view(n, r)}
+        return out
+
+    def _drop_foreign_factors(self) -> None:
+        """After loading under FSDP2: keep the factors of the matrices this rank owns, drop the others."""
+        distribution = self.distribution()
+        if distribution.sharded_group is None:
+            return
+        world, rank = dist.get_world_size(distribution.sharded_group), dist.get_rank(distribution.sharded_group)
+        for _, p in self._sharded_matrices():
+            if distribution.owner(p, world) != rank:
+                for k in ("U", "S", "V"):
+                    self.state.get(p, {}).pop(k, None)
+
+    def _lost_state(self, items: list[tuple[int, Tensor, Tensor | None]]) -> list[bool] | None:
+        # An owned low-rank matrix (under FSDP2, where only owners hold factors) without its factors.
+        distribution = self.distribution()
+        if distribution.sharded_group is None:
+            return None
+        world, rank = dist.get_world_size(distribution.sharded_group), dist.get_rank(distribution.sharded_group)
+        groups = [g for g in self.param_groups for _ in g["params"]]
+        lost = []
+        for (_, p, g), group in zip(items, groups):
+            st = self.state.get(p, {})
+            lost.append(g is not None and self._is_matrix(group, p) and is_dtensor(p)
+                        and distribution.owner(p, world) == rank
+                        and self._state_kind(group, p) == "lowrank" and "U" not in st)
+        return lost
 
     # -- the step ---------------------------------------------------------------------------------
 
@@ -150,7 +241,10 @@ class LiMuon(HybridOptimizer):
             g["variance_reduction"] == "exact" and any(self._is_matrix(g, p) for p in g["params"])
             for g in self.param_groups
         )
-        if exact and closure is None:
+        # The first exact step needs no second gradient, hence no closure (``last_update`` is
+        # replicated state, so every rank decides alike).
+        started = any("last_update" in self.state.get(p, {}) for g in self.param_groups for p in g["params"])
+        if exact and closure is None and started:
             raise RuntimeError(
                 "LiMuon with variance_reduction='exact' needs a closure: call opt.step(closure) where "
                 "closure() zeroes the gradients, runs forward and backward on the same batch every time "
@@ -164,8 +258,8 @@ class LiMuon(HybridOptimizer):
                 loss = closure()
 
         split = self._split()
-        check_gradients([(i, p, p.grad) for _, mats, others in split for i, p in mats + others])
-        old_grads = self._old_point_gradients(split, closure, rng_before) if exact else {}
+        self._check_step_gradients(split)
+        old_grads = self._old_point_gradients(split, closure, rng_before) if exact and closure is not None else {}
 
         for group, mats, _ in split:
             if group["variance_reduction"] == "exact":
@@ -188,17 +282,16 @@ class LiMuon(HybridOptimizer):
         return group["rank"] is not None and group["rank"] < min(matrix_shape(p))
 
     def _state_kind(self, group: dict, p: Tensor) -> str:
-        """"first" (no momentum yet), "lowrank" (U, S, V stored) or "dense" (momentum_buffer stored)."""
+        """"first" (no momentum yet), "dense" (momentum_buffer stored) or "lowrank" (U, S, V stored,
+        under FSDP2 on the matrix's owner rank only). Decided from state every rank holds."""
         st = self.state.get(p, {})
         if "step" not in st or (group["variance_reduction"] == "exact" and "last_update" not in st):
             # Also when a group switches to exact mode: with no previous iterate, restart M = g.
             return "first"
-        return "lowrank" if "U" in st else "dense"
+        return "dense" if "momentum_buffer" in st else "lowrank"
 
-    def _bucket_key(self, group: dict, p: Tensor) -> tuple[str, int | None]:
-        # The stored rank too: after a rank change, matrices that skipped steps keep their old rank.
-        st = self.state.get(p, {})
-        return self._state_kind(group, p), (st["U"].shape[-1] if "U" in st else None)
+    def _bucket_key(self, group: dict, p: Tensor) -> str:
+        return self._state_kind(group, p)
 
     def _old_point_gradients(self, split: list, closure: Callable[[], Any], rng_before: tuple) -> dict[int, Tensor]:
         """Exact mode: gradients at the previous iterate ``W_{k−1}`` on the same batch.
@@ -218,7 +311,7 @@ class LiMuon(HybridOptimizer):
             return {}
         all_params = [p for group in self.param_groups for p in group["params"]]
         saved_grads = [p.grad for p in all_params]
-        saved_weights = [p.detach().clone() for _, p in movers]
+        saved_weights = [local(p).clone() for _, p in movers]
         rng_after = _rng_state()
         old: dict[int, Tensor] = {}
         try:
@@ -226,25 +319,17 @@ class LiMuon(HybridOptimizer):
             for p in all_params:
                 p.grad = None
             for _, p in movers:
-                p.add_(self.state[p]["last_update"].view_as(p))
+                local(p).add_(local(self.state[p]["last_update"]).view_as(local(p)))
             with torch.enable_grad():
                 closure()
-            for i, p in movers:
-                if id(p) not in needed:
-                    continue
-                if p.grad is None:
-                    raise RuntimeError(
-                        f"The second closure call of exact mode produced no gradient for parameter {i} "
-                        f"(shape {tuple(p.shape)}); the closure must run backward through the same "
-                        "parameters every time it is called"
-                    )
-                old[id(p)] = p.grad
-            check_gradients([(i, p, old[id(p)]) for i, p in movers if id(p) in old],
-                            what="gradient at the previous iterate (second closure call)")
+            wanted = [(i, p, p.grad) for i, p in movers if id(p) in needed]
+            check_gradients(wanted, what="gradient at the previous iterate (second closure call)",
+                            group=self.distribution().group, required=True)
+            old = {id(p): g for _, p, g in wanted}
         finally:
             _set_rng_state(rng_after)
             for (_, p), w in zip(movers, saved_weights):
-                p.copy_(w)
+                local(p).copy_(w)
             for p, g in zip(all_params, saved_grads):
                 p.grad = g
         return old
@@ -265,75 +350,131 @@ class LiMuon(HybridOptimizer):
                 st["last_update"].zero_()
 
     def _step_bucket(self, group: dict, bucket: Bucket, old_grads: dict[int, Tensor]) -> None:
+        # Shapes: "local" tensors are this rank's rows of every matrix of the bucket, (B, m_loc, n);
+        # "own" tensors are the whole matrices this rank owns, (B_own, m, n). Without distribution
+        # both are (B, m, n) and the moves between them are the identity (see _distributed.py).
         mode = group["variance_reduction"]
         mu, gamma = group["momentum"], group["gamma"]
         params = bucket.params
-        grads = [p.grad for p in params]
+        layout = self.distribution().layout(params, bucket.shape)
+        owned = [params[j] for j in layout.owned]
         states = [self.state[p] for p in params]
         kind = self._state_kind(group, params[0])
         low_rank = self._low_rank(group, params[0])
+        G = bucket.stack([p.grad for p in params])
+        buf_local = buf_own = None  # the new momentum: dense per-rank rows, or whole on the owner
 
-        # 1. New momentum (kept: `buf`, dense per parameter or batched) and the orthogonaliser input.
+        # 1. New momentum and the orthogonaliser input.
         if kind == "first":
-            G = bucket.stack(grads)
-            buf = G * ((1.0 - gamma) / mu) if mode == "approx" else G
-            ns_in = G
+            ns_own = layout.to_owners(G)
+            if low_rank:
+                buf_own = ns_own * ((1.0 - gamma) / mu) if mode == "approx" else ns_own
+            else:
+                buf_local = G * ((1.0 - gamma) / mu) if mode == "approx" else G
         elif kind == "dense":
             # One launch for the whole bucket: the buffers are slices of one stacked tensor.
-            buf = self.stacked_state(params, "momentum_buffer", bucket.shape)
-            G = bucket.stack(grads)
+            buf_local = self.stacked_state(params, "momentum_buffer", bucket.local_shape)
             if mode == "exact":
-                lk.storm_update_(buf, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
-                ns_in = buf
+                lk.storm_update_(buf_local, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
+                ns_local = buf_local
             elif mode == "none":
-                buf.lerp_(G, 1.0 - mu)
-                ns_in = buf
+                buf_local.lerp_(G, 1.0 - mu)
+                ns_local = buf_local
             else:
-                ns_in = lk.mars_update_(buf, G, mu, gamma)
+                ns_local = lk.mars_update_(buf_local, G, mu, gamma)
+            ns_own = layout.to_owners(ns_local)
+            if low_rank:  # switching to Option #2: the owner compresses the whole momentum
+                buf_own = ns_own if ns_local is buf_local else layout.to_owners(buf_local)
         else:
-            U, S, V = (self.stacked_state(params, k) for k in ("U", "S", "V"))
-            G = bucket.stack(grads)
-            if mode == "exact":
-                buf = ns_in = lk.lowrank_storm(U, S, V, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
-            elif mode == "none":
-                buf = ns_in = lk.lowrank_axpby(U, S, V, G, mu, 1.0 - mu)
-            else:
-                buf = lk.lowrank_axpby(U, S, V, G, mu, (1.0 - gamma) * (1.0 - mu) / mu)
-                ns_in = buf.mul(mu).add_(G, alpha=gamma)
+            G_own = layout.to_owners(G)
+            G_old = layout.to_owners(bucket.stack([old_grads[id(p)] for p in params])) if mode == "exact" else None
+            buf_own, ns_own = self._lowrank_momentum(group, owned, [bucket.indices[j] for j in layout.owned],
+                                                     G_own, G_old)
+            if not low_rank:  # back to Option #1: every rank keeps its rows of the dense momentum
+                buf_local = layout.from_owners(buf_own)
 
-        # 2. Orthogonalise the whole batch at once.
-        if group["orthogonalizer"] == "svd":
-            O = lk.orthogonalize_svd(ns_in)
-        else:
-            O = lk.newton_schulz(ns_in, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-                                 eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
+        # 2. Orthogonalise the owned matrices as one batch; every rank gets its rows back.
+        O = layout.from_owners(self._orthogonalize(group, ns_own))
 
         # 3. Step counts, then the parameter update (recording it first in exact mode).
         for st in states:
             st["step"] = st.get("step", torch.tensor(0.0)) + 1
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
+        held = bucket.local_params
         if mode == "exact":
             # last_update = W_k − W_{k+1}: what the next step adds to go back one iterate (kept in bf16).
-            delta = bucket.stack(params).mul_(lr * wd).add_(O, alpha=lr * scale)
+            delta = torch.stack([w.reshape(bucket.local_shape) for w in held]).mul_(lr * wd).add_(O, alpha=lr * scale)
             if all("last_update" in st for st in states):
-                self.stacked_state(params, "last_update", bucket.shape).copy_(delta)
+                self.stacked_state(params, "last_update", bucket.local_shape).copy_(delta)
             else:
                 self.adopt_stacked_state(params, "last_update", delta.to(torch.bfloat16))
-        apply_update(params, O, lr, wd, scale)
+        apply_update(held, O, lr, wd, scale)
 
-        # 4. Keep the momentum for the next step: compressed to rank r, or dense.
+        # 4. Keep the momentum for the next step: compressed to rank r (by its owner), or dense.
         if low_rank:
-            seeds = [lk.derive_seed(group["seed"], i, int(st["step"])) for i, st in zip(bucket.indices, states)]
-            for name, factor in zip(("U", "S", "V"), lk.rsvd(buf, group["rank"], group["oversample"],
-                                                              group["power_iters"], seed=seeds)):
-                self.adopt_stacked_state(params, name, factor)
-            self.drop_state(params, "momentum_buffer")
+            self._compress(group, params, layout, buf_own, bucket.indices)
         elif kind != "dense":
-            # `buf` is a fresh tensor here (stacked gradients or a low-rank product), never aliased.
-            self.adopt_stacked_state(params, "momentum_buffer", buf)
+            # `buf_local` is a fresh tensor here (stacked gradients or a low-rank product), never aliased.
+            self.adopt_stacked_state(params, "momentum_buffer", buf_local)
             for key in ("U", "S", "V"):
                 self.drop_state(params, key)
+
+    def _lowrank_momentum(self, group: dict, params: list[Tensor], indices: list[int], G: Tensor,
+                          G_old: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Option #2 on the owner: the new momentum ``buf`` and the orthogonaliser input from the stored
+        factors ``U diag(S) Vᵀ`` of ``params`` (whole matrices, ``(B_own, m, n)``).
+
+        Matrices whose stored rank differs (the group's rank changed while some skipped steps) are
+        computed in separate batches, since their factors cannot be stacked together."""
+        for p, i in zip(params, indices):
+            if "U" not in self.state[p]:  # (checked on every rank before the step: see _lost_state)
+                raise RuntimeError(f"LiMuon has no low-rank factors for parameter {i} (shape {tuple(p.shape)})")
+        if not params:
+            return G, G
+        by_rank: dict[int, list[int]] = {}
+        for j, p in enumerate(params):
+            by_rank.setdefault(self.state[p]["U"].shape[-1], []).append(j)
+        if len(by_rank) == 1:
+            return self._lowrank_momentum_batch(group, params, G, G_old)
+        buf, ns_in = torch.empty_like(G), torch.empty_like(G)
+        for idx in by_rank.values():
+            b, x = self._lowrank_momentum_batch(group, [params[j] for j in idx], G[idx],
+                                                None if G_old is None else G_old[idx])
+            buf[idx], ns_in[idx] = b, x
+        return buf, ns_in
+
+    def _lowrank_momentum_batch(self, group: dict, params: list[Tensor], G: Tensor, G_old: Tensor | None
+                                ) -> tuple[Tensor, Tensor]:
+        mode, mu, gamma = group["variance_reduction"], group["momentum"], group["gamma"]
+        U, S, V = (self.stacked_state(params, k) for k in ("U", "S", "V"))
+        if mode == "exact":
+            buf = lk.lowrank_storm(U, S, V, G, G_old, mu)
+            return buf, buf
+        if mode == "none":
+            buf = lk.lowrank_axpby(U, S, V, G, mu, 1.0 - mu)
+            return buf, buf
+        buf = lk.lowrank_axpby(U, S, V, G, mu, (1.0 - gamma) * (1.0 - mu) / mu)
+        return buf, buf.mul(mu).add_(G, alpha=gamma)
+
+    def _compress(self, group: dict, params: list[Tensor], layout: Any, buf_own: Tensor, indices: list[int]) -> None:
+        """Option #2: the owners replace the momentum of their matrices by its randomized SVD. Under DDP
+        the factors are then all-gathered (replicated state, like everything else there); under FSDP2
+        they stay on the owner."""
+        owned = [params[j] for j in layout.owned]
+        if owned:
+            seeds = [lk.derive_seed(group["seed"], indices[j], int(self.state[params[j]]["step"]))
+                     for j in layout.owned]
+            factors = lk.rsvd(buf_own, group["rank"], group["oversample"], group["power_iters"], seed=seeds)
+        else:  # (an all-gather below still needs this rank's empty share)
+            (m, n), r = layout.shape, group["rank"]
+            factors = tuple(buf_own.new_empty(shape, dtype=torch.float32) for shape in ((0, m, r), (0, r), (0, n, r)))
+        if layout.mode == "replicated":
+            factors = tuple(layout.from_owners(f) for f in factors)
+            owned = params
+        for name, factor in zip(("U", "S", "V"), factors):
+            self.adopt_stacked_state(owned, name, factor)
+        self.drop_state(params, "momentum_buffer")
 
 
 def _rng_state() -> tuple[Tensor, list[Tensor] | None]:

@@ -7,11 +7,9 @@ from typing import Any
 
 import torch
 
-import limuon_kernels as lk
 from limuon._common import (
     HybridOptimizer,
     apply_update,
-    check_gradients,
     check_ns_group,
     check_number,
     lr_scale,
@@ -35,6 +33,11 @@ class Muon(HybridOptimizer):
     ``ns_compute_dtype`` is the Newton–Schulz matmul dtype (``None``: fp32 on CPU, where bf16
     matmuls are 25–90× slower; bf16 on GPU, as torch.optim.Muon). Pass ``torch.bfloat16`` on CPU to
     reproduce torch.optim.Muon's rounding there.
+
+    ``distributed_mesh`` (a 1-D ``DeviceMesh`` or a ``ProcessGroup``) splits the Newton–Schulz work of
+    DDP-replicated parameters across its ranks (each orthogonalises its share, then the updates are
+    all-gathered). FSDP2's ``DTensor`` parameters are handled without it: each matrix is gathered whole
+    on one owner rank, orthogonalised there in a batch with the others it owns, and sent back as shards.
     """
 
     _matrix_algorithm = "muon"
@@ -56,6 +59,7 @@ class Muon(HybridOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         ns_compute_dtype: torch.dtype | None = None,
+        distributed_mesh: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -63,6 +67,7 @@ class Muon(HybridOptimizer):
             adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, algorithm=None,
         )
+        self._set_distributed_mesh(distributed_mesh)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -81,26 +86,26 @@ class Muon(HybridOptimizer):
             with torch.enable_grad():
                 loss = closure()
         split = self._split()
-        check_gradients([(i, p, p.grad) for _, mats, others in split for i, p in mats + others])
+        self._check_step_gradients(split)
+        distribution = self.distribution()
 
         for group, mats, _ in split:
             if not mats:
                 continue
             mu = group["momentum"]
             for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats]):
+                layout = distribution.layout(bucket.params, bucket.shape)
                 grads = bucket.stack([p.grad for p in bucket.params])
-                for p in bucket.params:
-                    st = self.state[p]
-                    if "momentum_buffer" not in st:
-                        st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.contiguous_format)
-                # One launch per bucket: the buffers are slices of one stacked tensor.
-                bufs = self.stacked_state(bucket.params, "momentum_buffer", bucket.shape)
+                if any("momentum_buffer" not in self.state[p] for p in bucket.params):
+                    for p in bucket.params:
+                        self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                # One launch per bucket: the buffers are slices of one stacked tensor (local shards).
+                bufs = self.stacked_state(bucket.params, "momentum_buffer", bucket.local_shape)
                 bufs.lerp_(grads, 1.0 - mu)
                 G = grads.lerp_(bufs, mu) if group["nesterov"] else bufs
-                O = lk.newton_schulz(G, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-                                     eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
+                O = layout.from_owners(self._orthogonalize(group, layout.to_owners(G)))
                 scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
-                apply_update(bucket.params, O, float(group["lr"]), float(group["weight_decay"]), scale)
+                apply_update(bucket.local_params, O, float(group["lr"]), float(group["weight_decay"]), scale)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
             self._adamw_step(group, [p for _, p in others], self.state)
