@@ -174,7 +174,10 @@ def build(provider: str, specs: list[ParamSpec], params: list[Tensor], rank: int
     groups += [{"params": embs, "algorithm": "adamw"}] if embs else []
     common = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, adamw_lr=ADAMW_LR)
     ns_dtype = str(lk.get_ns_compute_dtype(dev)).removeprefix("torch.")
-    info = {"adamw_impl": "limuon (foreach)", "ns_compute_dtype": ns_dtype, "backend": lk.backend.resolve(dev)}
+    from limuon._common import _FUSED_ADAMW_DEVICES  # AdamW inside limuon: torch's fused kernel where it exists
+
+    limuon_adamw = "limuon (fused)" if dev.type in _FUSED_ADAMW_DEVICES else "limuon (foreach)"
+    info = {"adamw_impl": limuon_adamw, "ns_compute_dtype": ns_dtype, "backend": lk.backend.resolve(dev)}
     if provider in ("muon", "muon-bf16"):
         bf16 = provider == "muon-bf16"
         opt = limuon.Muon(groups, **common, ns_compute_dtype=torch.bfloat16 if bf16 else None)

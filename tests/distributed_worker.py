@@ -232,6 +232,16 @@ def failing_steps(rank: int, world: int, out_dir: str) -> None:
     state_after = _state_snapshot(opt)
     unchanged = all(torch.equal(before[k], after[k]) for k in before) and state_before.keys() == state_after.keys() \
         and all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+    # A DTensor sharded on dim 0 but not in torch.chunk sizes (3 + 1 rows of 4) is refused.
+    from torch.distributed.tensor import DTensor, Shard
+
+    odd = DTensor.from_local(torch.zeros(3 if rank == 0 else 1, D), model.gate.device_mesh, [Shard(0)],
+                             shape=torch.Size((4, D)), stride=(D, 1))
+    try:
+        limuon.Muon([nn.Parameter(odd)])
+        messages.append(None)
+    except ValueError as e:
+        messages.append(str(e))
     torch.save({"messages": messages, "unchanged": unchanged}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -280,6 +290,22 @@ def grow_fsdp(rank: int, world: int, out_dir: str) -> None:
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
+def from_single_process(rank: int, world: int, config: str, out_dir: str) -> None:
+    """2 steps in this process alone (no FSDP2), then its model and optimizer state_dicts are loaded into
+    an FSDP2 model and optimizer, which take 2 more steps together."""
+    x, y = make_batch()
+    single = make_model()
+    single_opt = make_optimizer(config, single)
+    train(single, single_opt, x, y, 2)
+    model = make_model(seed=1)
+    model.load_state_dict(single.state_dict())
+    model, _ = _wrap("fsdp", model, world)
+    opt = make_optimizer(config, model)
+    opt.load_state_dict(single_opt.state_dict())
+    train(model, opt, *_local_batch(rank, world), 2)
+    torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _state_snapshot(opt: torch.optim.Optimizer) -> dict[tuple[int, str], torch.Tensor]:
     return {(i, k): (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
             for i, st in enumerate(opt.state.values()) for k, v in st.items()}
@@ -306,11 +332,12 @@ def checkpoint_save(rank: int, world: int, config: str, ckpt: str, out_dir: str)
              "optim": get_optimizer_state_dict(model, opt, options=full)}
     if rank == 0:
         torch.save(state, ckpt + ".full.pt")
+    torch.save(opt.state_dict(), f"{ckpt}.rank{rank}.pt")  # and each rank's own
     train(model, opt, x, y, 2)
     torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str, full: bool = False) -> None:
+def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str, how: str = "dcp") -> None:
     """FSDP2: a fresh model (other initial weights) and optimizer, restored from ``ckpt``, 2 steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
@@ -324,7 +351,20 @@ def checkpoint_load(rank: int, world: int, config: str, ckpt: str, out_dir: str,
     x, y = _local_batch(rank, world)
     model, _ = _wrap("fsdp", make_model(seed=1), world)
     opt = make_optimizer(config, model)
-    if full:
+    if how == "per-rank":
+        # The model from the DCP checkpoint; the optimizer from this rank's own state_dict() file.
+        state = {"model": get_model_state_dict(model)}
+        dcp.load(state, checkpoint_id=ckpt)
+        set_model_state_dict(model, state["model"])
+        try:
+            opt.load_state_dict(torch.load(f"{ckpt}.rank{rank % 2}.pt", weights_only=False))  # saved by 2 ranks
+        except ValueError as e:
+            torch.save({"error": str(e)}, os.path.join(out_dir, f"rank{rank}.pt"))
+            return
+        train(model, opt, x, y, 2)
+        torch.save({"params": full_params(model)}, os.path.join(out_dir, f"rank{rank}.pt"))
+        return
+    if how == "full":
         # The full state dict rank 0 saved, loaded by every rank (the missing state of the unused matrix:
         # strict=False, for the reason given below).
         state = torch.load(ckpt + ".full.pt", weights_only=False)

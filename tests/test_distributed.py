@@ -95,7 +95,8 @@ def test_failures_are_raised_on_every_rank_and_change_nothing(tmp_path):
     w = _worker()
     w.spawn(w.failing_steps, 2, str(tmp_path))
     for rank, result in enumerate(_load_ranks(tmp_path, 2)):
-        nan, uneven = result["messages"]
+        nan, uneven, odd_layout = result["messages"]
+        assert odd_layout is not None and "torch.chunk sizes" in odd_layout, (rank, odd_layout)
         assert nan is not None and nan.startswith("NonFiniteGradientError"), (rank, nan)
         index = [name for name, _ in w.make_model().named_parameters()].index("blocks.0.fc1.weight")
         assert f"parameter {index} " in nan and "at least one rank" in nan, nan
@@ -106,21 +107,28 @@ def test_failures_are_raised_on_every_rank_and_change_nothing(tmp_path):
 @pytest.mark.parametrize("config", ["limuon-exact-r3", "muon"])
 def test_dcp_checkpoint_resumes(config, tmp_path):
     """Save with torch.distributed.checkpoint on 2 FSDP2 ranks; resume on 2 and on 3 ranks (the
-    low-rank factors live on each matrix's owner, and owners change with the world size); and from a
-    full state dict that rank 0 gathered and saved alone, on 3 ranks."""
+    low-rank factors live on each matrix's owner, and owners change with the world size); from a
+    full state dict that rank 0 gathered and saved alone, on 3 ranks; from each rank's own
+    state_dict() on 2 ranks (and a clear refusal on 3)."""
     w = _worker()
     ckpt = str(tmp_path / "ckpt")
     (tmp_path / "straight").mkdir()
     w.spawn(w.checkpoint_save, 2, config, ckpt, str(tmp_path / "straight"))
     straight = _load_ranks(tmp_path / "straight", 2)[0]["params"]
-    for world, full in ((2, False), (3, False), (3, True)):
-        out = tmp_path / f"out{world}{'full' if full else ''}"
-        out.mkdir(exist_ok=True)
-        w.spawn(w.checkpoint_load, world, config, ckpt, str(out), full)
-        for r, result in enumerate(_load_ranks(out, world)):
+    for world, how in ((2, "dcp"), (3, "dcp"), (3, "full"), (2, "per-rank"), (3, "per-rank")):
+        out = tmp_path / f"out{world}{how}"
+        out.mkdir()
+        w.spawn(w.checkpoint_load, world, config, ckpt, str(out), how)
+        results = _load_ranks(out, world)
+        if how == "per-rank" and world == 3:
+            # Each rank's own state_dict holds its shards: at another world size every rank refuses it.
+            for result in results:
+                assert "same world size only" in result.get("error", ""), result
+            continue
+        for r, result in enumerate(results):
             for name, value in straight.items():
                 # Same world size: the same operations in the same order, so the same bits.
-                tol = dict(atol=0, rtol=0) if world == 2 else _tolerance(config)
+                tol = dict(atol=0, rtol=0) if world == 2 else _tolerance(config)  # per-rank: world 2
                 torch.testing.assert_close(result["params"][name], value, **tol,
                                            msg=lambda m, n=name, r=r, ws=world: f"world {ws} rank {r} {n}: {m}")
 
@@ -134,6 +142,19 @@ def test_single_process_group_changes_nothing(tmp_path):
         expected, _ = _single_process(config)
         for name in expected:
             torch.testing.assert_close(result[config]["params"][name], expected[name], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config", ["limuon-exact-r3", "limuon-approx-dense", "muon"])
+def test_single_process_state_dict_loads_under_fsdp2(config, reference, tmp_path):
+    """A state dict saved by one process (whole tensors) loads into an FSDP2 optimizer on 3 ranks
+    (each keeps its rows) and training continues as in one process."""
+    w = _worker()
+    w.spawn(w.from_single_process, 3, config, str(tmp_path))
+    expected, _ = reference[config]
+    for r, result in enumerate(_load_ranks(tmp_path, 3)):
+        for name, value in expected.items():
+            torch.testing.assert_close(result["params"][name], value, **_tolerance(config),
+                                       msg=lambda m, n=name, r=r: f"rank {r} {n}: {m}")
 
 
 def test_param_group_added_later_with_a_plain_matrix(tmp_path):

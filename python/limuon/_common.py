@@ -16,6 +16,7 @@ from torch.optim import Optimizer
 import limuon_kernels as lk
 from limuon._distributed import (
     Distribution,
+    adapt_to_param,
     check_dtensor_param,
     is_dtensor,
     local,
@@ -235,6 +236,49 @@ def apply_update(params: list[Tensor], O: Tensor, lr: float, weight_decay: float
     torch._foreach_add_(params, updates, alpha=-lr * scale)
 
 
+def _is_inner_slice(value: Any) -> bool:
+    return is_dtensor(value) and local(value).storage_offset() != 0
+
+
+def _standalone(value: Tensor) -> Tensor:
+    """A ``DTensor`` like ``value`` whose local tensor is a copy in storage of its own."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local(value).clone(), device_mesh=value.device_mesh, placements=value.placements,
+                              run_check=False, shape=value.shape, stride=value.stride())
+
+
+_FUSED_ADAMW_DEVICES = ("cpu", "cuda")
+_FUSED_ADAMW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _adamw_update(device: torch.device, dtype: torch.dtype, params: list[Tensor], grads: list[Tensor],
+                  exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[float], lr: float,
+                  beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
+    """One AdamW update (``steps``: the step numbers after this one) of same-device, same-dtype tensors.
+
+    torch's fused AdamW kernel where it has one (one pass over each tensor, as
+    ``torch.optim.AdamW(fused=True)``), else the same arithmetic with foreach ops."""
+    same_dtype = all(t.dtype == dtype for ts in (grads, exp_avgs, exp_avg_sqs) for t in ts)
+    if device.type in _FUSED_ADAMW_DEVICES and dtype in _FUSED_ADAMW_DTYPES and same_dtype \
+            and hasattr(torch, "_fused_adamw_"):
+        # The kernel reads the step from a tensor on the parameters' device (one small copy).
+        step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=device).unbind(0))
+        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, lr=lr, beta1=beta1,
+                            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        return
+    if weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    for p, m, v, step in zip(params, exp_avgs, exp_avg_sqs, steps):
+        bias1 = 1.0 - beta1**step
+        bias2_sqrt = math.sqrt(1.0 - beta2**step)
+        denom = (v.sqrt() / bias2_sqrt).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias1)
+
+
 # -- the shared optimizer base --------------------------------------------------------------------
 
 
@@ -352,29 +396,22 @@ class HybridOptimizer(Optimizer):
         wd = group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"]
         beta1, beta2 = group["adamw_betas"]
         eps = group["adamw_eps"]
-        grads, exp_avgs, exp_avg_sqs = [], [], []
         for p in params:
             st = state[p]
             if "exp_avg" not in st:
                 st["step"] = torch.tensor(0.0)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["step"] += 1
-            grads.append(local(p.grad))
-            exp_avgs.append(local(st["exp_avg"]))
-            exp_avg_sqs.append(local(st["exp_avg_sq"]))
-        steps = [float(state[p]["step"]) for p in params]
-        params = [local(p) for p in params]  # elementwise: each rank updates its own shard
-        if wd != 0.0:
-            torch._foreach_mul_(params, 1.0 - lr * wd)
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        for p, m, v, step in zip(params, exp_avgs, exp_avg_sqs, steps):
-            bias1 = 1.0 - beta1**step
-            bias2_sqrt = math.sqrt(1.0 - beta2**step)
-            denom = (v.sqrt() / bias2_sqrt).add_(eps)
-            p.addcdiv_(m, denom, value=-lr / bias1)
+        # Elementwise, so each rank updates its own shard; one fused kernel per (device, dtype).
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            by_kind.setdefault((local(p).device, local(p).dtype), []).append(p)
+        for (device, dtype), ps in by_kind.items():
+            tensors = [[local(t) for t in (p, p.grad, state[p]["exp_avg"], state[p]["exp_avg_sq"])] for p in ps]
+            steps = [float(state[p]["step"]) + 1.0 for p in ps]
+            _adamw_update(device, dtype, *map(list, zip(*tensors)), steps, lr, beta1, beta2, wd, eps)
+            for p, step in zip(ps, steps):
+                state[p]["step"].fill_(step)
 
     # -- per-bucket stacked state -----------------------------------------------------------------
     # The state of the matrices of one bucket lives in one (B, ...) tensor; each parameter's state
@@ -403,7 +440,40 @@ class HybridOptimizer(Optimizer):
         stacks[(name, tuple(id(p) for p in params))] = stacked
         return stacked
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's optimizer state dict. Under FSDP2, a ``DTensor`` state entry that is a slice of a
+        bucket's stacked tensor (all but the first of a bucket) is returned as a copy: torch cannot pickle
+        a ``DTensor`` whose local tensor starts inside its storage (torch.save fails with "invalid python
+        storage"). That copy is transient memory of at most this rank's share of the matrix state."""
+        state_dict = super().state_dict()
+        if self.distribution().sharded_group is None:
+            return state_dict
+        state = {}
+        for pid, st in state_dict["state"].items():
+            state[pid] = {k: _standalone(v) if _is_inner_slice(v) else v for k, v in st.items()}
+        return {**state_dict, "state": state}
+
+    def adapt_layouts(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """``state_dict`` with its parameter-shaped state laid out like this optimizer's parameters
+        (see ``adapt_to_param``): a single-process state dict loads under FSDP2; a mismatch is refused
+        before anything is changed."""
+        saved_ids = [pid for g in state_dict.get("param_groups", []) for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(saved_ids) != len(params) or "state" not in state_dict:
+            return dict(state_dict)  # torch's load_state_dict explains what does not match
+        state = dict(state_dict["state"])
+        for index, (pid, p) in enumerate(zip(saved_ids, params)):
+            if not isinstance(state.get(pid), dict):
+                continue
+            st = dict(state[pid])
+            for key in PARAM_SHAPED_STATE:
+                if isinstance(st.get(key), Tensor):
+                    st[key] = adapt_to_param(index, key, p, st[key])
+            state[pid] = st
+        return {**state_dict, "state": state}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = self.adapt_layouts(state_dict)
         self.__dict__["_stacks"] = {}  # the old stacked tensors must not outlive the old state
         super().load_state_dict(state_dict)
         for st in self.state.values():

@@ -85,6 +85,42 @@ def check_dtensor_param(index: int, p: Tensor) -> None:
             f"{p.device_mesh.ndim}-D mesh; limuon supports DTensor parameters sharded on dim 0 over a 1-D mesh "
             "(FSDP2's fully_shard), or plain tensors"
         )
+    rows = shard_rows(p.shape[0], p.device_mesh.size())
+    held, rank = local(p).shape[0], p.device_mesh.get_local_rank()
+    if held != rows[rank]:
+        raise ValueError(
+            f"Invalid parameter {index} (shape {tuple(p.shape)}): rank {rank} holds {held} of its rows; Shard(0) "
+            f"over {len(rows)} ranks holds {rows[rank]} (torch.chunk sizes, as FSDP2's fully_shard); limuon needs that"
+        )
+
+
+def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
+    """Loaded parameter-shaped state ``value`` laid out as parameter ``p`` is: a whole plain tensor for
+    a ``DTensor`` parameter is cut to this rank's rows; a ``DTensor`` saved for another mesh or sharding,
+    or for a plain parameter, is refused (all ranks see the same mismatch, so all raise)."""
+    where = f"Invalid state_dict: state {key!r} of parameter {index} (shape {tuple(p.shape)})"
+    if tuple(value.shape) != tuple(p.shape):
+        raise ValueError(f"{where} has shape {tuple(value.shape)}")
+    if is_dtensor(value):
+        if not is_dtensor(p):
+            raise ValueError(
+                f"{where} is a DTensor (saved under FSDP2) but the parameter is a plain tensor; save a full state "
+                "dict (torch.distributed.checkpoint.state_dict, StateDictOptions(full_state_dict=True)) instead"
+            )
+        if value.device_mesh != p.device_mesh or value.placements != p.placements:
+            raise ValueError(
+                f"{where} was saved sharded over {value.device_mesh} as {value.placements}, the parameter is sharded "
+                f"over {p.device_mesh} as {p.placements}; a per-rank state dict loads at the same world size only "
+                "(use torch.distributed.checkpoint or a full state dict to change it)"
+            )
+        return value
+    if not is_dtensor(p):
+        return value
+    rows = shard_rows(p.shape[0], p.device_mesh.size())
+    rank = p.device_mesh.get_local_rank()
+    start = sum(rows[:rank])
+    part = value.reshape(p.shape)[start: start + rows[rank]].to(device=local(p).device).clone()
+    return wrap_like(p, part)
 
 
 def shard_rows(m: int, world: int) -> list[int]:

@@ -138,7 +138,7 @@ class LiMuon(HybridOptimizer):
     _OWN_DTYPE_KEYS = ("last_update", "U", "S", "V")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
+        state_dict = self.adapt_layouts(state_dict)
         kept: dict[Any, dict[str, Tensor]] = {}
         state = {}
         for pid, st in state_dict["state"].items():
