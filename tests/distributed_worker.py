@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -154,6 +155,12 @@ def _entry(rank: int, world: int, port: int, backend: str, fn: Callable[..., Non
     fn(rank, world, *args)
     dist.barrier()  # no rank tears down gloo while another still talks to it
     dist.destroy_process_group()
+    # Skip the interpreter's teardown: a C++ thread object destroyed there (gloo, checkpoint I/O)
+    # now and then aborts the process ("terminate called without an active exception") after all
+    # the work is done and saved. Exit code 0 tells mp.spawn that this rank succeeded.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _local_batch(rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,7 +157,7 @@ def _message_names(exc: Exception, index: int, shape) -> None:
 POISON_TARGETS = [("img.weight", 9, (16, 96)), ("conv.weight", 7, (24, 2, 3, 3)), ("conv.bias", 8, (24,))]
 
 
-@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
 @pytest.mark.parametrize("target", POISON_TARGETS, ids=lambda t: t[0])
 @pytest.mark.parametrize("optimizer", ["limuon-exact", "limuon-approx", "limuon-none", "muon"])
 def test_non_finite_gradient_changes_nothing(optimizer, target, value):
@@ -179,6 +179,20 @@ def test_non_finite_gradient_changes_nothing(optimizer, target, value):
     _message_names(info.value, index, shape)
     assert all(torch.equal(p.detach(), params[n]) for n, p in model.named_parameters()), "params changed"
     assert _equal_nested(opt.state_dict(), state), "optimizer state changed"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("cls", [limuon.LiMuon, limuon.Muon], ids=lambda c: c.__name__)
+def test_huge_finite_gradients_are_not_refused(cls, dtype):
+    # The finiteness check sums each gradient first (fast); a sum that overflows is not a NaN/Inf
+    # in the gradient, and such gradients are checked exactly before anything is refused.
+    big = torch.finfo(dtype).max / 2
+    params = [torch.nn.Parameter(torch.randn(4, 6).to(dtype)), torch.nn.Parameter(torch.randn(6).to(dtype))]
+    for p in params:
+        p.grad = torch.full_like(p, big)
+    opt = cls(params, lr=0.01, **({"variance_reduction": "approx"} if cls is limuon.LiMuon else {}))
+    opt.step()  # no NonFiniteGradientError (what the update makes of such values is another matter)
+    assert len(opt.state) == len(params)  # both parameters were stepped
 
 
 @pytest.mark.parametrize("rank", [None, 3])

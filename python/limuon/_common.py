@@ -151,13 +151,9 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = 
         present = [True] * len(items)
         if not items:
             return
-    device = next((local(g).device for _, _, g in items if g is not None), torch.device("cpu"))
-    finite = torch.stack([  # (parameters may live on several devices: one flag per gradient, on one device)
-        torch.isfinite(local(g)).all().to(device) if g is not None else torch.ones((), dtype=torch.bool, device=device)
-        for _, _, g in items
-    ])
-    lost = torch.tensor(lost_state if lost_state is not None else [False] * len(items), dtype=torch.int32)
-    flags = torch.cat([torch.tensor(present, dtype=torch.int32), (~finite).to(torch.int32).cpu(), lost])
+    nonfinite = [not finite for finite in _all_finite([g for _, _, g in items])]
+    lost = lost_state if lost_state is not None else [False] * len(items)
+    flags = torch.tensor([present, nonfinite, lost], dtype=torch.int32).reshape(-1)
     anywhere, everywhere = (t.tolist() for t in reduce_flags(group, flags))
     n = len(items)
     for j, (idx, p, _) in enumerate(items):
@@ -187,6 +183,22 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = 
             f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is not finite{where} (it contains NaN or "
             "Inf); the step was skipped and no parameter or optimizer state was changed"
         )
+
+
+def _all_finite(grads: list[Tensor | None]) -> list[bool]:
+    """Per gradient (``None``: True): no NaN or Inf in it. One host synchronisation.
+
+    A sum is NaN or ±Inf when any element is, and is one fast read of the tensor (``isfinite().all()``
+    takes ~30× longer on CPU); a non-finite sum can also come from overflow of finite values, so the
+    gradients it flags are checked exactly."""
+    sums = [local(g).sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
+            for g in grads if g is not None]
+    if not sums:
+        return [True] * len(grads)
+    device = sums[0].device  # (parameters may live on several devices: the flags go to one)
+    ok = iter(torch.isfinite(torch.stack([s.to(device) for s in sums])).tolist())
+    finite = [True if g is None else next(ok) for g in grads]
+    return [f or bool(torch.isfinite(local(g)).all()) for f, g in zip(finite, grads)]
 
 
 # -- batching of same-shape matrices --------------------------------------------------------------
