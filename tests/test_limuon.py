@@ -318,6 +318,47 @@ def test_adamw_part_equals_torch_adamw(cls, dtype, impl, monkeypatch):
                                        atol=1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("cls", [limuon.LiMuon, limuon.Muon], ids=lambda c: c.__name__)
+def test_adamw_part_on_strided_params_and_grads(cls):
+    """Tensors the fused kernel cannot walk as flat memory take the foreach path, with torch's result:
+    a strided view of a larger tensor (the rest of it untouched), channels_last, an expanded gradient."""
+    gen = torch.Generator().manual_seed(5)
+    base = torch.randn(8, 16, generator=gen)
+    view = torch.nn.Parameter(base[:, ::2])  # a parameter sharing base's storage, strides (16, 2)
+    conv = torch.nn.Parameter(torch.randn(4, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last))
+    vec = torch.nn.Parameter(torch.randn(64, generator=gen))
+    ours = [view, conv, vec]
+    theirs = [torch.nn.Parameter(p.detach().clone().contiguous()) for p in ours]
+    untouched = base[:, 1::2].clone()
+    opt = cls([{"params": ours, "algorithm": "adamw"}], lr=0.01, adamw_weight_decay=0.1)
+    ref = torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours[:2]]
+        for p, q, g in zip(ours[:2], theirs[:2], grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        vec.grad, theirs[2].grad = torch.ones(1).expand(64), torch.ones(64)
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(base[:, 1::2], untouched)
+
+
+def test_adamw_step_stored_as_a_plain_number():
+    # Checkpoints of torch < 1.12 keep AdamW's "step" as a Python number.
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = limuon.LiMuon([p], lr=0.01, variance_reduction="approx")
+    p.grad = torch.ones(5)
+    opt.step()
+    state = opt.state_dict()
+    state["state"][0]["step"] = 1
+    opt.load_state_dict(state)
+    before = p.detach().clone()
+    opt.step()
+    assert not torch.equal(p.detach(), before)
+    assert float(opt.state[p]["step"]) == 2.0
+
+
 # -- the closure protocol -------------------------------------------------------------------------
 
 

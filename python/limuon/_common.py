@@ -249,7 +249,12 @@ def apply_update(params: list[Tensor], O: Tensor, lr: float, weight_decay: float
 
 
 def _is_inner_slice(value: Any) -> bool:
-    return is_dtensor(value) and local(value).storage_offset() != 0
+    """A ``DTensor`` whose local tensor is part of a larger storage (a bucket's stacked state): torch.save
+    cannot pickle it when it starts inside the storage, and would write the whole storage otherwise."""
+    if not is_dtensor(value):
+        return False
+    held = local(value)
+    return held.storage_offset() != 0 or held.untyped_storage().nbytes() != held.numel() * held.element_size()
 
 
 def _standalone(value: Tensor) -> Tensor:
@@ -264,6 +269,12 @@ _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 _FUSED_ADAMW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _fusable(dtype: torch.dtype, tensors: tuple[Tensor, ...]) -> bool:
+    """The fused kernel walks each tensor as flat memory: it needs one dtype and contiguous tensors
+    (not channels_last, not a strided view of a larger parameter, not an expanded gradient)."""
+    return all(t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
 def _adamw_update(device: torch.device, dtype: torch.dtype, params: list[Tensor], grads: list[Tensor],
                   exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[float], lr: float,
                   beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
@@ -271,14 +282,18 @@ def _adamw_update(device: torch.device, dtype: torch.dtype, params: list[Tensor]
 
     torch's fused AdamW kernel where it has one (one pass over each tensor, as
     ``torch.optim.AdamW(fused=True)``), else the same arithmetic with foreach ops."""
-    same_dtype = all(t.dtype == dtype for ts in (grads, exp_avgs, exp_avg_sqs) for t in ts)
-    if device.type in _FUSED_ADAMW_DEVICES and dtype in _FUSED_ADAMW_DTYPES and same_dtype \
-            and hasattr(torch, "_fused_adamw_"):
+    fusable = [_fusable(dtype, ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    if device.type in _FUSED_ADAMW_DEVICES and dtype in _FUSED_ADAMW_DTYPES and hasattr(torch, "_fused_adamw_") \
+            and any(fusable):
+        fused = [[t for t, ok in zip(ts, fusable) if ok] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps)]
         # The kernel reads the step from a tensor on the parameters' device (one small copy).
-        step_tensors = list(torch.tensor(steps, dtype=torch.float32, device=device).unbind(0))
-        torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], step_tensors, lr=lr, beta1=beta1,
-                            beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-        return
+        step_tensors = list(torch.tensor(fused[4], dtype=torch.float32, device=device).unbind(0))
+        torch._fused_adamw_(*fused[:4], [], step_tensors, lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            [t for t, ok in zip(ts, fusable) if not ok] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps))
+        if not params:
+            return
     if weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -423,7 +438,10 @@ class HybridOptimizer(Optimizer):
             steps = [float(state[p]["step"]) + 1.0 for p in ps]
             _adamw_update(device, dtype, *map(list, zip(*tensors)), steps, lr, beta1, beta2, wd, eps)
             for p, step in zip(ps, steps):
-                state[p]["step"].fill_(step)
+                if isinstance(state[p]["step"], Tensor):
+                    state[p]["step"].fill_(step)
+                else:  # a plain number (checkpoints of torch < 1.12)
+                    state[p]["step"] = torch.tensor(step)
 
     # -- per-bucket stacked state -----------------------------------------------------------------
     # The state of the matrices of one bucket lives in one (B, ...) tensor; each parameter's state
@@ -454,9 +472,8 @@ class HybridOptimizer(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict. Under FSDP2, a ``DTensor`` state entry that is a slice of a
-        bucket's stacked tensor (all but the first of a bucket) is returned as a copy: torch cannot pickle
-        a ``DTensor`` whose local tensor starts inside its storage (torch.save fails with "invalid python
-        storage"). That copy is transient memory of at most this rank's share of the matrix state."""
+        bucket's stacked tensor is returned as a copy (see ``_is_inner_slice``): transient memory of at
+        most this rank's share of the matrix state."""
         state_dict = super().state_dict()
         if self.distribution().sharded_group is None:
             return state_dict
