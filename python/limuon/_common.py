@@ -257,14 +257,6 @@ def _is_inner_slice(value: Any) -> bool:
     return held.storage_offset() != 0 or held.untyped_storage().nbytes() != held.numel() * held.element_size()
 
 
-def _standalone(value: Tensor) -> Tensor:
-    """A ``DTensor`` like ``value`` whose local tensor is a copy in storage of its own."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor.from_local(local(value).clone(), device_mesh=value.device_mesh, placements=value.placements,
-                              run_check=False, shape=value.shape, stride=value.stride())
-
-
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 _FUSED_ADAMW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -479,7 +471,7 @@ class HybridOptimizer(Optimizer):
             return state_dict
         state = {}
         for pid, st in state_dict["state"].items():
-            state[pid] = {k: _standalone(v) if _is_inner_slice(v) else v for k, v in st.items()}
+            state[pid] = {k: wrap_like(v, local(v).clone()) if _is_inner_slice(v) else v for k, v in st.items()}
         return {**state_dict, "state": state}
 
     def adapt_layouts(self, state_dict: dict[str, Any]) -> dict[str, Any]:

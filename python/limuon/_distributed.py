@@ -65,7 +65,7 @@ def resolve_group(distributed_mesh: Any) -> dist.ProcessGroup | None:
             "Invalid distributed_mesh: torch.distributed is not initialised (call "
             "torch.distributed.init_process_group first, or pass distributed_mesh=None)"
         )
-    if is_mesh is not None and isinstance(distributed_mesh, DeviceMesh):
+    if is_mesh:
         if distributed_mesh.ndim != 1:
             raise ValueError(
                 f"Invalid distributed_mesh: a DeviceMesh with {distributed_mesh.ndim} dimensions; expected a "
@@ -85,12 +85,13 @@ def check_dtensor_param(index: int, p: Tensor) -> None:
             f"{p.device_mesh.ndim}-D mesh; limuon supports DTensor parameters sharded on dim 0 over a 1-D mesh "
             "(FSDP2's fully_shard), or plain tensors"
         )
-    rows = shard_rows(p.shape[0], p.device_mesh.size())
-    held, rank = local(p).shape[0], p.device_mesh.get_local_rank()
-    if held != rows[rank]:
+    start, stop = local_rows(p)
+    held = local(p).shape[0]
+    if held != stop - start:
         raise ValueError(
-            f"Invalid parameter {index} (shape {tuple(p.shape)}): rank {rank} holds {held} of its rows; Shard(0) "
-            f"over {len(rows)} ranks holds {rows[rank]} (torch.chunk sizes, as FSDP2's fully_shard); limuon needs that"
+            f"Invalid parameter {index} (shape {tuple(p.shape)}): rank {p.device_mesh.get_local_rank()} holds "
+            f"{held} of its rows; Shard(0) holds {stop - start} (torch.chunk sizes, as FSDP2's fully_shard); "
+            "limuon needs that"
         )
 
 
@@ -116,17 +117,22 @@ def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
         return value
     if not is_dtensor(p):
         return value
-    rows = shard_rows(p.shape[0], p.device_mesh.size())
-    rank = p.device_mesh.get_local_rank()
-    start = sum(rows[:rank])
-    part = value.reshape(p.shape)[start: start + rows[rank]].to(device=local(p).device).clone()
-    return wrap_like(p, part)
+    start, stop = local_rows(p)
+    return wrap_like(p, value.reshape(p.shape)[start:stop].to(device=local(p).device).clone())
 
 
 def shard_rows(m: int, world: int) -> list[int]:
     """Rows of an ``m``-row matrix held by each rank under ``Shard(0)`` (``torch.chunk`` sizes)."""
     chunk = -(-m // world)
     return [max(0, min(chunk, m - k * chunk)) for k in range(world)]
+
+
+def local_rows(p: Tensor) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of ``DTensor`` parameter ``p`` that this rank holds under ``Shard(0)``."""
+    rows = shard_rows(p.shape[0], p.device_mesh.size())
+    rank = p.device_mesh.get_local_rank()
+    start = sum(rows[:rank])
+    return start, start + rows[rank]
 
 
 def take(stack: Tensor, idx: list[int]) -> Tensor:
@@ -192,6 +198,15 @@ class Distribution:
     def owner(self, p: Tensor, world: int) -> int:
         return self._position[id(p)] % world
 
+    def shard_world_rank(self) -> tuple[int, int]:
+        """(world size, this rank) of the FSDP2 mesh's group."""
+        return dist.get_world_size(self.sharded_group), dist.get_rank(self.sharded_group)
+
+    def owns(self, p: Tensor) -> bool:
+        """Whether this rank owns the sharded matrix ``p``."""
+        world, rank = self.shard_world_rank()
+        return self.owner(p, world) == rank
+
     def layout(self, params: list[Tensor], shape: tuple[int, int]) -> BucketLayout:
         """How the matrices ``params`` (one bucket, global 2-D ``shape``) move to and from their owners."""
         if is_dtensor(params[0]):
@@ -202,13 +217,8 @@ class Distribution:
             return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]])
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         owners = [self.owner(p, world) for p in params]
+        # (The rows a rank holds were checked against these sizes when the parameter was added.)
         rows = shard_rows(shape[0], world) if mode == "sharded" else [shape[0]] * world
-        held = local(params[0]).shape[0]
-        if held != rows[rank]:
-            raise RuntimeError(
-                f"A DTensor parameter of shape {tuple(params[0].shape)} holds {held} rows on rank {rank}; Shard(0) "
-                f"over {world} ranks gives {rows[rank]} (limuon expects torch.chunk-style sharding, as FSDP2's)"
-            )
         return BucketLayout(group, mode, world, rank, owners, shape, rows)
 
 

@@ -182,10 +182,10 @@ class LiMuon(HybridOptimizer):
         """``{param index: {"U", "S", "V"}}`` of the sharded matrices whose factors another rank owns."""
         distribution = self.distribution()
         group = distribution.sharded_group
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        world, rank = distribution.shard_world_rank()
         matrices = self._sharded_matrices()
         mine = {i: (self.state[p]["U"].shape[-1], self.state[p]["U"].dtype) for i, p in matrices
-                if distribution.owner(p, world) == rank and "U" in self.state.get(p, {})}
+                if distribution.owns(p) and "U" in self.state.get(p, {})}
         everyone: list[Any] = [None] * world
         dist.all_gather_object(everyone, mine, group=group)
         out = {}
@@ -210,9 +210,8 @@ class LiMuon(HybridOptimizer):
         distribution = self.distribution()
         if distribution.sharded_group is None:
             return
-        world, rank = dist.get_world_size(distribution.sharded_group), dist.get_rank(distribution.sharded_group)
         for _, p in self._sharded_matrices():
-            if distribution.owner(p, world) != rank:
+            if not distribution.owns(p):
                 for k in ("U", "S", "V"):
                     self.state.get(p, {}).pop(k, None)
 
@@ -221,13 +220,12 @@ class LiMuon(HybridOptimizer):
         distribution = self.distribution()
         if distribution.sharded_group is None:
             return None
-        world, rank = dist.get_world_size(distribution.sharded_group), dist.get_rank(distribution.sharded_group)
         groups = [g for g in self.param_groups for _ in g["params"]]
         lost = []
         for (_, p, g), group in zip(items, groups):
             st = self.state.get(p, {})
             lost.append(g is not None and self._is_matrix(group, p) and is_dtensor(p)
-                        and distribution.owner(p, world) == rank
+                        and distribution.owns(p)
                         and self._state_kind(group, p) == "lowrank" and "U" not in st)
         return lost
 
@@ -404,7 +402,7 @@ class LiMuon(HybridOptimizer):
         held = bucket.local_params
         if mode == "exact":
             # last_update = W_k − W_{k+1}: what the next step adds to go back one iterate (kept in bf16).
-            delta = torch.stack([w.reshape(bucket.local_shape) for w in held]).mul_(lr * wd).add_(O, alpha=lr * scale)
+            delta = bucket.stack(params).mul_(lr * wd).add_(O, alpha=lr * scale)
             if all("last_update" in st for st in states):
                 self.stacked_state(params, "last_update", bucket.local_shape).copy_(delta)
             else:
