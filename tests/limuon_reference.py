@@ -35,6 +35,8 @@ POLAR_EXPRESS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+# LiMuon's documented default momentum per variance-reduction mode (README, "momentum grid").
+DEFAULT_MOMENTUM = {"exact": 0.7, "approx": 0.95, "none": 0.95}
 SVD_REL_CUTOFF = 1e-6  # orthogonalizer="svd" drops directions with σ ≤ 1e-6·σ_max
 
 
@@ -139,8 +141,11 @@ class ReferenceLiMuon:
     """LiMuon (ALGORITHM.md §2) with the same arguments as ``limuon.LiMuon``.
 
     ``params``: tensors (owned and updated in place by the reference) or param-group dicts.
-    ``restore``: how exact mode gets the previous iterate: ``"bf16"`` is the documented behaviour
-    (W_k + bf16(W_{k-1} − W_k)); ``"exact"`` uses W_{k-1} itself.
+    Exact mode's second gradient is taken at the previous iterate: the reference keeps a full copy of
+    every parameter from before the last step (``self.previous``), independently of how the optimizer
+    stores it. ``restore``: ``"bf16"`` is the documented precision (W_k + bf16(W_{k-1} − W_k));
+    ``"exact"`` uses W_{k-1} itself. ``exact_restore`` ("all" or "matrices") as the optimizer's: which
+    parameters the second gradient sees at W_{k-1} (the rest at W_k).
     Subclasses may override ``exact_momentum`` to build deliberately wrong variants.
     """
 
@@ -148,12 +153,13 @@ class ReferenceLiMuon:
         self,
         params,
         lr: float = 1e-3,
-        momentum: float = 0.95,
+        momentum: float | None = None,
         *,
         rank: int | None = None,
         oversample: int = 5,
         power_iters: int = 0,
-        variance_reduction: str = "exact",
+        variance_reduction: str = "approx",
+        exact_restore: str = "all",
         gamma: float = 0.025,
         orthogonalizer: str = "newton_schulz",
         ns_steps: int = 5,
@@ -176,6 +182,7 @@ class ReferenceLiMuon:
             oversample=oversample,
             power_iters=power_iters,
             variance_reduction=variance_reduction,
+            exact_restore=exact_restore,
             gamma=gamma,
             orthogonalizer=orthogonalizer,
             ns_steps=ns_steps,
@@ -197,6 +204,7 @@ class ReferenceLiMuon:
         self.state: list[dict[str, Any]] = [{} for _ in self.params]
         self.restore = restore
         self.closure_calls = 0
+        self.previous: list[Tensor] | None = None  # every parameter before the last step
 
     def is_matrix(self, i: int) -> bool:
         return self.params[i].ndim >= 2 and self.group_of[i]["algorithm"] != "adamw"
@@ -209,15 +217,18 @@ class ReferenceLiMuon:
         self.closure_calls += 1
         return grad_fn(params)
 
+    def _moves_back(self, i: int) -> bool:
+        group = self.group_of[i]
+        return group["exact_restore"] == "all" or (self.is_matrix(i) and group["variance_reduction"] == "exact")
+
     def _previous_iterate(self) -> list[Tensor]:
         old = []
         for i, p in enumerate(self.params):
-            st = self.state[i]
-            if self.is_matrix(i) and "last_update" in st:
-                du = st["last_update"]
+            if self._moves_back(i):
+                du = self.previous[i] - p
                 if self.restore == "bf16":
                     du = du.to(torch.bfloat16).to(p.dtype)
-                old.append(p + du.reshape(p.shape))
+                old.append(p + du)
             else:
                 old.append(p)
         return old
@@ -232,11 +243,9 @@ class ReferenceLiMuon:
             for i in range(len(self.params))
         )
         old_grads = self._grads(grad_fn, self._previous_iterate())[1] if needs_old else None
+        self.previous = [p.clone() for p in self.params]
         for i, p in enumerate(self.params):
             if grads[i] is None:
-                # Not updated, so for the next step its previous iterate is its current value.
-                if "last_update" in self.state[i]:
-                    self.state[i]["last_update"] = torch.zeros_like(p)
                 continue
             group = self.group_of[i]
             if self.is_matrix(i):
@@ -252,7 +261,8 @@ class ReferenceLiMuon:
         p, st = self.params[i], self.state[i]
         G = as_matrix(grad)
         m, n = G.shape
-        mu, gamma, mode = h["momentum"], h["gamma"], h["variance_reduction"]
+        mode, gamma = h["variance_reduction"], h["gamma"]
+        mu = DEFAULT_MOMENTUM[mode] if h["momentum"] is None else h["momentum"]
         low_rank = h["rank"] is not None and h["rank"] < min(m, n)
         first = "buffer" not in st
         if not first:
@@ -276,12 +286,9 @@ class ReferenceLiMuon:
             O = newton_schulz(ns_input, h["ns_steps"], h["ns_coefficients"], h["eps"], h["ns_compute_dtype"])
 
         st["step"] = st.get("step", 0) + 1
-        before = p.clone()
         lr = h["lr"]
         p.mul_(1 - lr * h["weight_decay"])
         p.sub_(lr * lr_scale(m, n, h["adjust_lr_fn"]) * O.reshape(p.shape))
-        if mode == "exact":
-            st["last_update"] = before - p
         if low_rank:
             seed = derive_seed(h["seed"], i, st["step"])
             st["buffer"] = rsvd(buffer, h["rank"], h["oversample"], h["power_iters"], seed)

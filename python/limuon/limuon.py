@@ -10,22 +10,16 @@ import torch.distributed as dist
 from torch import Tensor
 
 import limuon_kernels as lk
-from limuon._common import (
-    Bucket,
-    HybridOptimizer,
-    apply_update,
-    check_choice,
-    check_gradients,
-    check_int,
-    check_ns_group,
-    check_number,
-    lr_scale,
-    make_buckets,
-    matrix_shape,
-)
+from limuon._buckets import Bucket, apply_update, make_buckets
+from limuon._checks import check_choice, check_int, check_ns_group, check_number, lr_scale, matrix_shape
+from limuon._common import HybridOptimizer
 from limuon._distributed import is_dtensor, local
+from limuon._exact import MISSING_CLOSURE, RESTORE_SCOPES, previous_iterate_gradients, rng_state
 
 VARIANCE_REDUCTIONS = ("exact", "approx", "none")
+#: momentum (μ = 1 − β) when none is given, per variance-reduction mode: measured, see the README's
+#: momentum grid (exact STORM diverges from the one-gradient modes' best μ)
+DEFAULT_MOMENTUM = {"exact": 0.7, "approx": 0.95, "none": 0.95}
 ORTHOGONALIZERS = ("newton_schulz", "svd")
 
 
@@ -33,7 +27,7 @@ class LiMuon(HybridOptimizer):
     r"""LiMuon: orthogonalised STORM momentum for matrices, AdamW for the rest.
 
     For every matrix parameter ``W`` (ndim ≥ 2; a conv weight is treated as ``(out, in·kh·kw)``),
-    with ``μ = momentum`` and ``g`` its gradient (ALGORITHM.md §2)::
+    with ``μ = momentum`` and ``g`` its gradient (docs/ALGORITHM.md §2)::
 
         exact  : M_0 = g_0;  M_k = g(W_k) + μ·(M_{k−1} − g(W_{k−1}))     both gradients on one batch
         approx : b_0 = (1−γ)/μ·g_0, d_0 = g_0;  b_k = μ·b_{k−1} + (1−γ)(1−μ)/μ·g_k,  d_k = γ·g_k + μ·b_k
@@ -47,23 +41,32 @@ class LiMuon(HybridOptimizer):
     The RSVD of parameter ``i`` at its step ``t`` is seeded with ``derive_seed(seed, i, t)``, so runs
     are reproducible and resume exactly from a ``state_dict``.
 
-    ``"exact"`` needs ``step(closure)``: the closure must zero the gradients, run forward and
-    backward on the same batch every time it is called, and return the loss. From the second step
-    on it is called twice; between the calls the matrix parameters are moved back to the previous
-    iterate using a bf16 copy of the last update (the only persistent extra state), then restored.
+    ``"approx"`` (the default) takes one gradient per step and needs no closure. ``"exact"`` (the
+    paper's algorithm) needs ``step(closure)`` from the first step: the closure must zero the
+    gradients, run forward and backward on the same batch every time it is called, and return the
+    loss. From the second step on it is called twice: the second call sees the previous iterate
+    ``W_{k−1}`` of every parameter this optimizer updates (``exact_restore="all"``: matrices of every
+    group and the AdamW-routed parameters), rebuilt from a bf16 copy of each parameter's last update
+    (state ``last_update``, 2 bytes per element: the only persistent extra state), then restored
+    bit for bit. ``exact_restore="matrices"`` moves only the matrices of exact-mode groups back (less
+    memory; the second gradient is then taken at a mixed point).
 
     Parameters with ndim < 2, and all parameters of a group with ``algorithm="adamw"``, get AdamW
-    (torch.optim.AdamW semantics) with ``adamw_lr``, ``adamw_betas``, ``adamw_eps`` and
-    ``adamw_weight_decay`` (``None``: the group's ``lr`` / ``weight_decay``), one update per step
-    from the first closure call's gradient.
+    (torch.optim.AdamW semantics) with ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay``
+    (``None``: the group's ``weight_decay``) and the lr ``adamw_lr · lr / lr₀`` (lr₀: the group's lr
+    when it was created, so the AdamW part follows the lr schedule's shape). ``adamw_lr`` is required
+    for such parameters unless ``adjust_lr_fn="match_rms_adamw"`` (then ``lr`` serves both). One update
+    per step, from the first closure call's gradient.
 
     Args:
         params: parameters or param groups (a group may set any argument below and ``algorithm``).
         lr: learning rate of the matrix update.
-        momentum: ``μ = 1 − β`` of the paper (same meaning and default as Muon's momentum).
+        momentum: ``μ = 1 − β`` of the paper (Muon's momentum). ``None``: the measured default of the
+            group's mode (``DEFAULT_MOMENTUM``: 0.95 for approx and none, lower for exact).
         rank: ``None`` (Option #1) or the RSVD rank of the low-rank momentum (Option #2).
         oversample: extra RSVD sketch columns (``s``); power_iters: RSVD subspace iterations.
-        variance_reduction: ``"exact"``, ``"approx"`` or ``"none"`` (see above).
+        variance_reduction: ``"approx"`` (default), ``"exact"`` or ``"none"`` (see above).
+        exact_restore: ``"all"`` (default) or ``"matrices"``: what exact mode moves back (see above).
         gamma: ``γ`` of the approx mode.
         orthogonalizer: ``"newton_schulz"`` or ``"svd"`` (exact polar factor in fp32; slow).
         ns_steps, ns_coefficients, eps: Newton–Schulz iterations, coefficients (``"keller"``,
@@ -71,7 +74,8 @@ class LiMuon(HybridOptimizer):
             normalisation floor.
         weight_decay: decoupled weight decay; adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"``.
         seed: base seed of the RSVD sketches.
-        ns_compute_dtype: matmul dtype of Newton–Schulz (``None``: fp32 on CPU, bf16 on GPU).
+        ns_compute_dtype: matmul dtype of Newton–Schulz (``None``: ``limuon_kernels.get_ns_compute_dtype``:
+            bf16 on GPUs and on CPUs with bf16 matrix instructions, else fp32).
         distributed_mesh: ``None``, or a 1-D ``DeviceMesh`` / ``ProcessGroup`` over which DDP-replicated
             matrices are split: each rank orthogonalises (and, for Option #2, compresses) its share and
             the results are all-gathered, so every rank keeps the same state. FSDP2's ``DTensor``
@@ -79,8 +83,9 @@ class LiMuon(HybridOptimizer):
             orthogonalised and compressed there, and sent back as shards; the elementwise work stays on
             the local shards, and the low-rank factors ``U, S, V`` live on the owner only.
 
-    ``"exact"`` mode's first step may run without a closure (it uses the gradients already in
-    ``.grad``; torch.distributed.checkpoint initialises optimizer state that way).
+    Exact mode without a closure is refused before anything changes, except for a step that only
+    initialises state (lr = 0 in every exact-mode group, no state yet: torch.distributed.checkpoint
+    creates optimizer state that way).
     """
 
     _matrix_algorithm = "limuon"
@@ -89,12 +94,13 @@ class LiMuon(HybridOptimizer):
         self,
         params: Any,
         lr: float = 1e-3,
-        momentum: float = 0.95,
+        momentum: float | None = None,
         *,
         rank: int | None = None,
         oversample: int = 5,
         power_iters: int = 0,
-        variance_reduction: str = "exact",
+        variance_reduction: str = "approx",
+        exact_restore: str = "all",
         gamma: float = 0.025,
         orthogonalizer: str = "newton_schulz",
         ns_steps: int = 5,
@@ -112,7 +118,8 @@ class LiMuon(HybridOptimizer):
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, rank=rank, oversample=oversample, power_iters=power_iters,
-            variance_reduction=variance_reduction, gamma=gamma, orthogonalizer=orthogonalizer,
+            variance_reduction=variance_reduction, exact_restore=exact_restore, gamma=gamma,
+            orthogonalizer=orthogonalizer,
             ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, weight_decay=weight_decay,
             adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
             adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, seed=seed, algorithm=None,
@@ -122,7 +129,9 @@ class LiMuon(HybridOptimizer):
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
-        check_number("momentum", group["momentum"], 0.0, 1.0, low_open=True, high_open=True)
+        if group["momentum"] is not None:
+            check_number("momentum", group["momentum"], 0.0, 1.0, low_open=True, high_open=True)
+        check_choice("exact_restore", group["exact_restore"], RESTORE_SCOPES)
         if group["rank"] is not None:
             check_int("rank", group["rank"], 1)
         check_int("oversample", group["oversample"], 0)
@@ -138,12 +147,12 @@ class LiMuon(HybridOptimizer):
     _OWN_DTYPE_KEYS = ("last_update", "U", "S", "V")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = self.adapt_layouts(state_dict)
+        state_dict = self.adapt_layouts(self._complete_groups(state_dict))
         kept: dict[Any, dict[str, Tensor]] = {}
         state = {}
         for pid, st in state_dict["state"].items():
-            st = dict(st)
-            kept[pid] = {k: st.pop(k) for k in self._OWN_DTYPE_KEYS if k in st}
+            st = dict(st) if isinstance(st, dict) else st
+            kept[pid] = {k: st.pop(k) for k in self._OWN_DTYPE_KEYS if k in st} if isinstance(st, dict) else {}
             state[pid] = st
         state_dict["state"] = state
         super().load_state_dict(state_dict)
@@ -235,46 +244,80 @@ class LiMuon(HybridOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LiMuon step. ``closure`` is required when a group uses ``variance_reduction="exact"``."""
         self._check_all_groups()
-        exact = any(
-            g["variance_reduction"] == "exact" and any(self._is_matrix(g, p) for p in g["params"])
-            for g in self.param_groups
-        )
-        # The first exact step needs no second gradient, hence no closure (``last_update`` is
-        # replicated state, so every rank decides alike).
-        started = any("last_update" in self.state.get(p, {}) for g in self.param_groups for p in g["params"])
-        if exact and closure is None and started:
-            raise RuntimeError(
-                "LiMuon with variance_reduction='exact' needs a closure: call opt.step(closure) where "
-                "closure() zeroes the gradients, runs forward and backward on the same batch every time "
-                "it is called and returns the loss; or choose variance_reduction='approx' (one gradient "
-                "per step, no closure)"
-            )
+        exact = self._exact_active()
+        if exact and closure is None and not self._initialising_exact_state():
+            raise RuntimeError(MISSING_CLOSURE)
         loss = None
-        rng_before = _rng_state() if exact else None
+        rng_before = rng_state() if exact else None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
         split = self._split()
-        self._check_step_gradients(split)
+        self._check_step_gradients()
         old_grads = self._old_point_gradients(split, closure, rng_before) if exact and closure is not None else {}
+        self._keep_restore_buffers(exact, {id(p) for _, mats, others in split for _, p in mats + others})
 
         for group, mats, _ in split:
-            if group["variance_reduction"] == "exact":
-                self._forget_stale_updates(group, {id(p) for _, p in mats})
-            else:
-                # A restore buffer from an earlier exact phase would be stale when exact mode returns.
-                self.drop_state([p for _, p in self._group_matrices(group) if p in self.state], "last_update")
-            if not mats:
-                continue
             params = [p for _, p in mats]
             indices = [i for i, _ in mats]
-            for bucket in make_buckets(params, indices, key=lambda p: self._bucket_key(group, p)):
-                self._step_bucket(group, bucket, old_grads)
+            record = exact and self._moves_back(group, matrix=True)
+            for bucket in make_buckets(params, indices, key=lambda p, g=group: self._bucket_key(g, p)):
+                self._step_bucket(group, bucket, old_grads, record)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
-            self._adamw_step(group, [p for _, p in others], self.state)
+            self._adamw_step(group, [p for _, p in others], exact and self._moves_back(group, matrix=False))
         return loss
+
+    # -- exact mode ---------------------------------------------------------------------------------
+
+    def _exact_active(self) -> bool:
+        """Some group is in exact mode and has matrices: this step takes two gradients."""
+        return any(g["variance_reduction"] == "exact" and any(self._is_matrix(g, p) for p in g["params"])
+                   for g in self.param_groups)
+
+    def _initialising_exact_state(self) -> bool:
+        """A step without a closure that only initialises state: every exact-mode group has lr = 0 and no
+        exact-mode matrix has a previous iterate yet (torch.distributed.checkpoint creates optimizer state
+        by such a step, with zero gradients)."""
+        exact_groups = [g for g in self.param_groups if g["variance_reduction"] == "exact"]
+        return all(float(g["lr"]) == 0.0 for g in exact_groups) and not any(
+            "last_update" in self.state.get(p, {}) for g in exact_groups for p in g["params"])
+
+    @staticmethod
+    def _moves_back(group: dict, matrix: bool) -> bool:
+        """Whether the second closure call puts this group's matrices (or its AdamW-routed parameters)
+        back to their previous iterate: always with ``exact_restore="all"``; with ``"matrices"`` only the
+        matrices of exact-mode groups."""
+        return group["exact_restore"] == "all" or (matrix and group["variance_reduction"] == "exact")
+
+    def _old_point_gradients(self, split: list, closure: Callable[[], Any], rng_before: tuple) -> dict[int, Tensor]:
+        """Exact mode: the gradients of the exact-mode matrices at the previous iterate, same batch."""
+        needed = [(i, p) for group, mats, _ in split if group["variance_reduction"] == "exact"
+                  for i, p in mats if "last_update" in self.state.get(p, {})]
+        if not needed:
+            return {}
+        params = self._all_params()
+        movers = [p for p in params if "last_update" in self.state.get(p, {})]
+        return previous_iterate_gradients(params, movers, needed, self.state, closure, rng_before,
+                                          self.distribution().group)
+
+    def _keep_restore_buffers(self, exact: bool, stepped: set[int]) -> None:
+        """Restore buffers for the next step: dropped where no longer wanted (no exact mode, or out of the
+        ``exact_restore`` scope: stale when exact mode returns); zeroed for a parameter that skips this
+        step (it does not move, so its previous iterate is itself)."""
+        drop = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                if "last_update" not in st:
+                    continue
+                if not (exact and self._moves_back(group, self._is_matrix(group, p))):
+                    drop.append(p)
+                elif id(p) not in stepped:
+                    st["last_update"].zero_()
+        if drop:
+            self.drop_state(drop, "last_update")
 
     def _low_rank(self, group: dict, p: Tensor) -> bool:
         return group["rank"] is not None and group["rank"] < min(matrix_shape(p))
@@ -291,68 +334,13 @@ class LiMuon(HybridOptimizer):
     def _bucket_key(self, group: dict, p: Tensor) -> str:
         return self._state_kind(group, p)
 
-    def _old_point_gradients(self, split: list, closure: Callable[[], Any], rng_before: tuple) -> dict[int, Tensor]:
-        """Exact mode: gradients at the previous iterate ``W_{k−1}`` on the same batch.
-
-        Moves every matrix parameter that has a stored last update back by it, calls the closure with
-        the random number generators as they were before the first call (so dropout draws the same
-        masks: the same sample ξ), and puts parameters, gradients and generators back as they were
-        after the first call (also when the closure raises).
-        """
-        movers = [
-            (i, p) for group, _, _ in split if group["variance_reduction"] == "exact"
-            for i, p in self._group_matrices(group) if "last_update" in self.state.get(p, {})
-        ]
-        needed = {id(p) for group, mats, _ in split if group["variance_reduction"] == "exact"
-                  for _, p in mats if "last_update" in self.state.get(p, {})}
-        if not needed:
-            return {}
-        all_params = [p for group in self.param_groups for p in group["params"]]
-        saved_grads = [p.grad for p in all_params]
-        saved_weights = [local(p).clone() for _, p in movers]
-        rng_after = _rng_state()
-        old: dict[int, Tensor] = {}
-        try:
-            _set_rng_state(rng_before)
-            for p in all_params:
-                p.grad = None
-            for _, p in movers:
-                local(p).add_(local(self.state[p]["last_update"]).view_as(local(p)))
-            with torch.enable_grad():
-                closure()
-            wanted = [(i, p, p.grad) for i, p in movers if id(p) in needed]
-            check_gradients(wanted, what="gradient at the previous iterate (second closure call)",
-                            group=self.distribution().group, required=True)
-            old = {id(p): g for _, p, g in wanted}
-        finally:
-            _set_rng_state(rng_after)
-            for (_, p), w in zip(movers, saved_weights):
-                local(p).copy_(w)
-            for p, g in zip(all_params, saved_grads):
-                p.grad = g
-        return old
-
-    def _group_matrices(self, group: dict) -> list[tuple[int, Tensor]]:
-        start = 0
-        for g in self.param_groups:
-            if g is group:
-                break
-            start += len(g["params"])
-        return [(start + j, p) for j, p in enumerate(group["params"]) if self._is_matrix(group, p)]
-
-    def _forget_stale_updates(self, group: dict, stepped: set[int]) -> None:
-        # A matrix that skips a step (no gradient) did not move, so its previous iterate is itself.
-        for _, p in self._group_matrices(group):
-            st = self.state.get(p, {})
-            if id(p) not in stepped and "last_update" in st:
-                st["last_update"].zero_()
-
-    def _step_bucket(self, group: dict, bucket: Bucket, old_grads: dict[int, Tensor]) -> None:
+    def _step_bucket(self, group: dict, bucket: Bucket, old_grads: dict[int, Tensor], record: bool) -> None:
+        """One bucket's update; ``record``: keep ``last_update`` for exact mode's next second gradient."""
         # Shapes: "local" tensors are this rank's rows of every matrix of the bucket, (B, m_loc, n);
         # "own" tensors are the whole matrices this rank owns, (B_own, m, n). Without distribution
         # both are (B, m, n) and the moves between them are the identity (see _distributed.py).
         mode = group["variance_reduction"]
-        mu, gamma = group["momentum"], group["gamma"]
+        mu, gamma = momentum_of(group), group["gamma"]
         params = bucket.params
         layout = self.distribution().layout(params, bucket.shape)
         owned = [params[j] for j in layout.owned]
@@ -394,13 +382,13 @@ class LiMuon(HybridOptimizer):
         # 2. Orthogonalise the owned matrices as one batch; every rank gets its rows back.
         O = layout.from_owners(self._orthogonalize(group, ns_own))
 
-        # 3. Step counts, then the parameter update (recording it first in exact mode).
+        # 3. Step counts, then the parameter update (recording it first for exact mode).
         for st in states:
             st["step"] = st.get("step", torch.tensor(0.0)) + 1
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
         held = bucket.local_params
-        if mode == "exact":
+        if record:
             # last_update = W_k − W_{k+1}: what the next step adds to go back one iterate (kept in bf16).
             delta = bucket.stack(params).mul_(lr * wd).add_(O, alpha=lr * scale)
             if all("last_update" in st for st in states):
@@ -444,7 +432,7 @@ class LiMuon(HybridOptimizer):
 
     def _lowrank_momentum_batch(self, group: dict, params: list[Tensor], G: Tensor, G_old: Tensor | None
                                 ) -> tuple[Tensor, Tensor]:
-        mode, mu, gamma = group["variance_reduction"], group["momentum"], group["gamma"]
+        mode, mu, gamma = group["variance_reduction"], momentum_of(group), group["gamma"]
         U, S, V = (self.stacked_state(params, k) for k in ("U", "S", "V"))
         if mode == "exact":
             buf = lk.lowrank_storm(U, S, V, G, G_old, mu)
@@ -475,17 +463,11 @@ class LiMuon(HybridOptimizer):
         self.drop_state(params, "momentum_buffer")
 
 
-def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
-    """The CPU generator's state and, when CUDA is in use, every CUDA device's."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+
+def momentum_of(group: dict) -> float:
+    """The group's momentum μ: its own, or the default of its variance-reduction mode."""
+    mu = group["momentum"]
+    return float(DEFAULT_MOMENTUM[group["variance_reduction"]] if mu is None else mu)
 
 
-def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state_all(cuda)
-
-
-__all__ = ["LiMuon"]
+__all__ = ["DEFAULT_MOMENTUM", "LiMuon"]

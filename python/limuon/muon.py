@@ -7,14 +7,9 @@ from typing import Any
 
 import torch
 
-from limuon._common import (
-    HybridOptimizer,
-    apply_update,
-    check_ns_group,
-    check_number,
-    lr_scale,
-    make_buckets,
-)
+from limuon._buckets import apply_update, make_buckets
+from limuon._checks import check_ns_group, check_number, lr_scale
+from limuon._common import HybridOptimizer
 
 
 class Muon(HybridOptimizer):
@@ -86,7 +81,7 @@ class Muon(HybridOptimizer):
             with torch.enable_grad():
                 loss = closure()
         split = self._split()
-        self._check_step_gradients(split)
+        self._check_step_gradients()
         distribution = self.distribution()
 
         for group, mats, _ in split:
@@ -108,5 +103,5 @@ class Muon(HybridOptimizer):
                 apply_update(bucket.local_params, O, float(group["lr"]), float(group["weight_decay"]), scale)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
-            self._adamw_step(group, [p for _, p in others], self.state)
+            self._adamw_step(group, [p for _, p in others])
         return loss
