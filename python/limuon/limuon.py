@@ -6,15 +6,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 import limuon_kernels as lk
 from limuon._buckets import Bucket, apply_update, make_buckets
 from limuon._checks import check_choice, check_int, check_ns_group, check_number, lr_scale, matrix_shape
 from limuon._common import HybridOptimizer
-from limuon._distributed import is_dtensor, local
 from limuon._exact import MISSING_CLOSURE, RESTORE_SCOPES, previous_iterate_gradients, rng_state
+from limuon._lowrank_state import LowRankStateMixin
 
 VARIANCE_REDUCTIONS = ("exact", "approx", "none")
 #: momentum (μ = 1 − β) when none is given, per variance-reduction mode: measured, see the README's
@@ -23,7 +22,7 @@ DEFAULT_MOMENTUM = {"exact": 0.7, "approx": 0.95, "none": 0.95}
 ORTHOGONALIZERS = ("newton_schulz", "svd")
 
 
-class LiMuon(HybridOptimizer):
+class LiMuon(LowRankStateMixin, HybridOptimizer):
     r"""LiMuon: orthogonalised STORM momentum for matrices, AdamW for the rest.
 
     For every matrix parameter ``W`` (ndim ≥ 2; a conv weight is treated as ``(out, in·kh·kw)``),
@@ -142,101 +141,6 @@ class LiMuon(HybridOptimizer):
         check_int("seed", group["seed"], 0)
         check_ns_group(group)
 
-    # State whose dtype is not the parameter's: torch's load_state_dict would cast it to the
-    # parameter dtype (the bf16 restore buffer to fp32, fp32 RSVD factors to a bf16 param's dtype).
-    _OWN_DTYPE_KEYS = ("last_update", "U", "S", "V")
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = self.adapt_layouts(self._complete_groups(state_dict))
-        kept: dict[Any, dict[str, Tensor]] = {}
-        state = {}
-        for pid, st in state_dict["state"].items():
-            st = dict(st) if isinstance(st, dict) else st
-            kept[pid] = {k: st.pop(k) for k in self._OWN_DTYPE_KEYS if k in st} if isinstance(st, dict) else {}
-            state[pid] = st
-        state_dict["state"] = state
-        super().load_state_dict(state_dict)
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            for k, v in kept.get(pid, {}).items():
-                self.state[p][k] = v.to(device=p.device)
-        self._drop_foreign_factors()
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch's optimizer state dict. Under FSDP2 the low-rank factors of each matrix live on its owner
-        rank only; here they are gathered from their owners (one broadcast per such matrix, a collective:
-        every rank must call this), so every rank's state dict, a full state dict gathered on rank 0 and a
-        torch.distributed.checkpoint hold all of them, and can be loaded at any world size."""
-        state_dict = super().state_dict()
-        if self.distribution().sharded_group is None:
-            return state_dict
-        gathered = self._gather_factors()
-        if gathered:
-            state_dict["state"] = dict(state_dict["state"])
-            for idx, factors in gathered.items():
-                state_dict["state"][idx] = {**state_dict["state"].get(idx, {}), **factors}
-        return state_dict
-
-    def _sharded_matrices(self) -> list[tuple[int, Tensor]]:
-        out, idx = [], 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if self._is_matrix(group, p) and is_dtensor(p):
-                    out.append((idx, p))
-                idx += 1
-        return out
-
-    def _gather_factors(self) -> dict[int, dict[str, Tensor]]:
-        """``{param index: {"U", "S", "V"}}`` of the sharded matrices whose factors another rank owns."""
-        distribution = self.distribution()
-        group = distribution.sharded_group
-        world, rank = distribution.shard_world_rank()
-        matrices = self._sharded_matrices()
-        mine = {i: (self.state[p]["U"].shape[-1], self.state[p]["U"].dtype) for i, p in matrices
-                if distribution.owns(p) and "U" in self.state.get(p, {})}
-        everyone: list[Any] = [None] * world
-        dist.all_gather_object(everyone, mine, group=group)
-        out = {}
-        for i, p in matrices:
-            owner = distribution.owner(p, world)
-            if i not in everyone[owner]:
-                continue
-            (r, dtype), (m, n) = everyone[owner][i], matrix_shape(p)
-            if owner == rank:
-                st = self.state[p]
-                flat = torch.cat([st[k].reshape(-1).to(dtype) for k in ("U", "S", "V")])
-            else:
-                flat = torch.empty((m + 1 + n) * r, dtype=dtype, device=local(p).device)
-            dist.broadcast(flat, src=dist.get_global_rank(group, owner), group=group)
-            if owner != rank:
-                U, S, V = flat.split([m * r, r, n * r])
-                out[i] = {"U": U.view(m, r), "S": S, "V": V.view(n, r)}
-        return out
-
-    def _drop_foreign_factors(self) -> None:
-        """After loading under FSDP2: keep the factors of the matrices this rank owns, drop the others."""
-        distribution = self.distribution()
-        if distribution.sharded_group is None:
-            return
-        for _, p in self._sharded_matrices():
-            if not distribution.owns(p):
-                for k in ("U", "S", "V"):
-                    self.state.get(p, {}).pop(k, None)
-
-    def _lost_state(self, items: list[tuple[int, Tensor, Tensor | None]]) -> list[bool] | None:
-        # An owned low-rank matrix (under FSDP2, where only owners hold factors) without its factors.
-        distribution = self.distribution()
-        if distribution.sharded_group is None:
-            return None
-        groups = [g for g in self.param_groups for _ in g["params"]]
-        lost = []
-        for (_, p, g), group in zip(items, groups):
-            st = self.state.get(p, {})
-            lost.append(g is not None and self._is_matrix(group, p) and is_dtensor(p)
-                        and distribution.owns(p)
-                        and self._state_kind(group, p) == "lowrank" and "U" not in st)
-        return lost
 
     # -- the step ---------------------------------------------------------------------------------
 
