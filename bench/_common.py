@@ -1,13 +1,19 @@
 """Helpers shared by the benchmarks in bench/: timing, run metadata, result files, tables.
 
-Timing: on CUDA ``triton.testing.do_bench`` (imported only there: triton's driver needs a GPU); on
-CPU ``torch.utils.benchmark`` blocked_autorange for fast calls, single timed calls for slow ones.
+Timing: every measurement has a time budget (wall seconds, warm-up included) so that a quick run
+ends in a known time on any device (issue #10). Its first call is the warm-up and the probe; then on
+CUDA ``triton.testing.do_bench`` (imported only there: triton's driver needs a GPU), on CPU
+``torch.utils.benchmark`` blocked_autorange for fast calls, single timed calls for slow ones, as many
+as the budget holds. A measurement the budget cut short says so in its record (``Timing``: one call,
+``"timeboxed": true``); a case that would take far too long is not started: a smaller case is timed
+and extrapolated, and the record says which (``"extrapolated": true``, ``measured_case``).
 Every record carries the run metadata of ``run_meta`` (device, versions, date, commit, 1-minute
 load average: CPU timings share the cores with whatever else runs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -18,14 +24,15 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils import benchmark
 
 RESULTS_DIR = Path(__file__).parent / "results"
-SLOW_CALL_S = 1.5  # CPU: a first call slower than this is timed by single calls, not autorange
 
 Fn = Callable[[], object]
 
@@ -51,20 +58,182 @@ def time_call(fn: Fn) -> float:
     return time.perf_counter() - t0
 
 
-def measure(fn: Fn, cuda: bool, quick: bool) -> tuple[float, float, float]:
-    """(median, p20, p80) in milliseconds per call; the first (CPU) call is a warm-up."""
+# -- time-boxed measurement -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One measurement: quantiles of its timed calls and how its time budget shaped it.
+
+    ``calls`` timed calls (None: ``do_bench`` chose them) after ``warmup_calls`` untimed ones, all
+    within ``budget_s`` wall seconds. ``timeboxed``: the budget cut the measurement short of its
+    plan (its warm-up and minimum number of calls); with ``calls == 1`` and ``warmup_calls == 0``
+    the one sample is the first call, which also paid any one-time cost. ``extrapolated``: the case
+    itself was not run; ``measured_case`` was timed once (``measured_ms``) and the quantiles are that
+    time times ``scale``, an estimate, not a measurement.
+    """
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    calls: int | None
+    warmup_calls: int
+    budget_s: float | None
+    timeboxed: bool = False
+    extrapolated: bool = False
+    measured_case: str | None = None
+    measured_ms: float | None = None
+    scale: float | None = None
+
+    @classmethod
+    def of(cls, seconds: Sequence[float], warmup_calls: int, budget_s: float | None, timeboxed: bool) -> Timing:
+        return cls(*summarize_ms(seconds), len(seconds), warmup_calls, budget_s, timeboxed)
+
+    def fields(self) -> dict[str, Any]:
+        """The record fields (every key always present, so the rows of a table agree)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Smaller:
+    """A smaller case of a measurement: ``fn`` does about ``1/scale`` of its work; ``what`` names it."""
+
+    fn: Fn
+    scale: float
+    what: str
+
+
+def sample_calls(
+    call: Callable[[], float],
+    budget_s: float,
+    *,
+    warmup: int = 1,
+    min_calls: int = 3,
+    max_calls: int = 10,
+    start: float | None = None,
+    first: float | None = None,
+) -> Timing:
+    """Call ``call`` (it returns the seconds to record for one call) within ``budget_s`` wall seconds
+    counted from ``start`` (default: now). ``first``: the recorded seconds of a first call already made.
+
+    The first call is warm-up call 1 and the probe. A further call starts only if, lasting as long as
+    the call before it, it ends within the budget (a further warm-up only if one timed call still fits
+    after it), so the measurement ends by the budget unless its first call alone overruns it. Timed
+    calls stop at ``max_calls``. When no timed call fits, the first call is the sample (timeboxed).
+    """
+    start = time.perf_counter() if start is None else start
+
+    def run() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        value = call()
+        return value, time.perf_counter() - t0
+
+    value, wall = (first, first) if first is not None else run()
+    warm, samples = 1, []
+    while warm < warmup and budget_s - (time.perf_counter() - start) >= 2 * wall:
+        _, wall = run()
+        warm += 1
+    while len(samples) < max_calls and budget_s - (time.perf_counter() - start) >= wall:
+        v, wall = run()
+        samples.append(v)
+    if not samples:
+        return Timing.of([value], 0, budget_s, timeboxed=True)
+    return Timing.of(samples, warm, budget_s, timeboxed=len(samples) < min_calls or warm < warmup)
+
+
+def _one_call(fn: Fn, cuda: bool) -> float:
     if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def extrapolate(smaller: Smaller, cuda: bool, budget_s: float, start: float) -> Timing | None:
+    """Time ``smaller`` once; if its time times ``scale`` would not fit in what is left of ``budget_s``
+    (counted from ``start``), the extrapolated Timing (the case must not be started), else None."""
+    t = _one_call(smaller.fn, cuda)
+    est = t * smaller.scale
+    if est <= budget_s - (time.perf_counter() - start):
+        return None
+    ms, how = 1e3 * est, dict(measured_case=smaller.what, measured_ms=1e3 * t, scale=smaller.scale)
+    return Timing(ms, ms, ms, 0, 0, budget_s, timeboxed=True, extrapolated=True, **how)
+
+
+def measure_within(fn: Fn, budget_s: float, *, cuda: bool, quick: bool, smaller: Smaller | None = None) -> Timing:
+    """Time ``fn`` in at most about ``budget_s`` wall seconds (more only if its first call alone takes longer).
+
+    ``smaller``: where a call may take far too long to start blindly (bf16 matmuls on a CPU without bf16
+    units, see ``bf16_matmul_native``), time the smaller case first and extrapolate by its ``scale``:
+    the case runs only if that estimate fits in the budget. The first call of ``fn`` is the warm-up and
+    the probe (CUDA: the second, the budget starting after the first, which may compile kernels); then
+    CUDA: ``triton.testing.do_bench`` (median, p20, p80); CPU: ``torch.utils.benchmark`` blocked_autorange
+    for calls much shorter than its run time; else single timed calls (``sample_calls``).
+    """
+    start = time.perf_counter()
+    if smaller is not None and (est := extrapolate(smaller, cuda, budget_s, start)) is not None:
+        return est
+    first = _one_call(fn, cuda)
+    if cuda:  # the first call may have compiled kernels (seconds): the budget starts after it
+        start, first = time.perf_counter(), _one_call(fn, cuda)
+    left = budget_s - (time.perf_counter() - start)
+    if cuda and 10 * first < left:
         from triton.testing import do_bench  # only here: triton's driver needs a GPU
 
         med, p20, p80 = do_bench(fn, warmup=25, rep=50 if quick else 200, quantiles=[0.5, 0.2, 0.8])
-        return med, p20, p80
-    times = [time_call(fn)]  # warm-up, and a probe for pathological cases (bf16 matmuls on CPUs without bf16 units)
-    if times[0] > SLOW_CALL_S:  # quick: that one call is the sample; else 3 more single calls
-        times = times if quick else [time_call(fn) for _ in range(3)]
-    else:
+        return Timing(med, p20, p80, None, 2, budget_s)  # and do_bench's own warm-up
+    run_time = 0.4 if quick else 2.0
+    if not cuda and first < run_time / 10 and left > 2 * first:  # fast calls: timer overhead matters
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        times = timer.blocked_autorange(min_run_time=0.4 if quick else 2.0).times
-    return summarize_ms(times)
+        m = timer.blocked_autorange(min_run_time=min(run_time, left / 2))
+        return Timing(*summarize_ms(m.times), m.number_per_run * len(m.times), 1, budget_s)
+    return sample_calls(
+        lambda: _one_call(fn, cuda), budget_s, min_calls=3, max_calls=10 if quick else 25, start=start, first=first
+    )
+
+
+def measure(fn: Fn, cuda: bool, quick: bool, budget_s: float | None = None) -> tuple[float, float, float]:
+    """(median, p20, p80) in milliseconds per call of ``measure_within`` (default budget: 2 s quick, 10 s)."""
+    t = measure_within(fn, budget_s or (2.0 if quick else 10.0), cuda=cuda, quick=quick)
+    return t.median_ms, t.p20_ms, t.p80_ms
+
+
+def timing_note(r: Mapping[str, Any]) -> str:
+    """A short mark for progress logs of a record's ``Timing`` fields: empty for a measurement as planned."""
+    if r.get("extrapolated"):
+        return f" (extrapolated, not run: measured {r['measured_case']}: {r['measured_ms']:.1f} ms)"
+    return f" (timeboxed: {r['calls']} call(s) in the {r['budget_s']:g} s budget)" if r.get("timeboxed") else ""
+
+
+def bf16_matmul_native(dev: torch.device) -> bool:
+    """Whether ``dev`` has bf16 matrix instructions: CUDA yes; x86 CPUs with AVX512-BF16 or AMX; ARM CPUs
+    with BF16. Without them torch's CPU bf16 matmul can be ~100x slower than fp32 (issue #10: 0.9 against
+    119 GFLOP/s on an AVX2 CPU), so a bf16 peer there is first timed on a smaller case. Unknown: False
+    (a false False only costs that smaller case's one call)."""
+    if dev.type != "cpu":
+        return dev.type == "cuda"
+    caps_fn = getattr(torch.cpu, "get_capabilities", None)
+    if caps_fn is not None:
+        caps = caps_fn()
+        return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "amx_tile", "bf16", "sve_bf16"))
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # older torch
+        for mod in (torch.cpu, getattr(torch._C, "_cpu", None)):
+            check = getattr(mod, name, None)
+            if check is not None and check():
+                return True
+    return False
+
+
+def fmt_duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def print_plan(bench: str, seconds: float, how: str) -> None:
+    """The up-front estimate a benchmark prints as it starts: ``seconds`` is an upper bound, ``how`` says whence."""
+    line = f"# plan: {bench} takes at most about {fmt_duration(seconds)} on this device ({how})"
+    print(line, flush=True)
 
 
 def platform_cpu_model() -> str:

@@ -31,7 +31,15 @@ once and call ``step()`` without a closure.
 How to read it: ``median_ms`` / ``p20_ms`` / ``p80_ms`` are milliseconds per step after warm-up
 steps (the first step allocates state; exact mode needs one step before it evaluates the second
 gradient). CUDA: ``triton.testing.do_bench``; CPU: single timed steps (a step takes 0.1–10 s
-there), at least 3 and until a time budget is spent. ``state_bytes`` is the persistent optimizer
+there), as many as fit (up to 10 with ``--quick``) in the provider's time budget (``budget_s``: 12 s
+with ``--quick``, set-up and warm-up included; see ``Reps``), so the run's length is known as it
+starts (it prints the plan). A step too slow for that is timed once instead of warming up
+(``"timeboxed": true``, ``timed_steps`` 1, ``warmup_steps`` 0: that step also allocated the state).
+Where a provider computes Newton–Schulz in bf16 on a CPU without bf16 matrix instructions (a step
+can take minutes there, issue #10), a step on one 384×384 matrix is timed first and scaled by
+Newton–Schulz FLOPs; if that estimate exceeds the budget the step is not run and the record holds
+the estimate (``"extrapolated": true``, ``measured_case``, ``measured_ms``; state fields null).
+``state_bytes`` is the persistent optimizer
 state: the bytes covered by every tensor in ``optimizer.state`` (``numel · element_size``), bytes
 shared by several entries counted once (LiMuon and limuon.Muon keep the state of same-shape
 matrices in one stacked tensor whose per-parameter entries are views of it), including the small
@@ -59,7 +67,9 @@ each record keeps the 1-minute load average (``loadavg_1m``), since CPU timings 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import math
 import os
 import sys
 import time
@@ -68,15 +78,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from _common import format_table, log, measure, run_meta, summarize_ms, time_call, warn_if_loaded, write_records
+from _common import (
+    Smaller,
+    Timing,
+    bf16_matmul_native,
+    extrapolate,
+    format_table,
+    log,
+    measure_within,
+    print_plan,
+    run_meta,
+    sample_calls,
+    summarize_ms,
+    time_call,
+    timing_note,
+    warn_if_loaded,
+    write_records,
+)
+from _step_support import D_MODEL, MODELS, GradFeeder, ParamSpec, gpt2_specs, state_bytes
 from torch import Tensor
 from torch.optim import Optimizer
 
 import limuon
 import limuon_kernels as lk
 
-D_MODEL, VOCAB, CONTEXT = 768, 50257, 1024
-MODELS = {"gpt2": 12, "distilgpt2": 6}  # GPT-2 small and DistilGPT2: same widths, 12 and 6 layers
 QUICK_CPU_LAYERS = 2
 RANK = 8
 LR, ADAMW_LR, MOMENTUM, WEIGHT_DECAY = 0.02, 3e-4, 0.95, 0.1
@@ -91,34 +116,6 @@ PROVIDERS = {
     "limuon2-exact": f"LiMuon #2 r={RANK} exact",
     "limuon2-approx": f"LiMuon #2 r={RANK} approx",
 }
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """One parameter: ``role`` is "matrix" (hidden weight), "embedding" or "vector" (1-D)."""
-
-    name: str
-    shape: tuple[int, ...]
-    role: str
-
-
-def gpt2_specs(layers: int) -> list[ParamSpec]:
-    """GPT-2's parameters (HF names and Conv1D in×out layout) with ``layers`` blocks; LM head tied to wte."""
-    d = D_MODEL
-    specs = [ParamSpec("wte", (VOCAB, d), "embedding"), ParamSpec("wpe", (CONTEXT, d), "embedding")]
-    for i in range(layers):
-        h = f"h.{i}"
-        specs += [ParamSpec(f"{h}.ln_1.weight", (d,), "vector"), ParamSpec(f"{h}.ln_1.bias", (d,), "vector")]
-        specs += [ParamSpec(f"{h}.attn.c_attn.weight", (d, 3 * d), "matrix"),
-                  ParamSpec(f"{h}.attn.c_attn.bias", (3 * d,), "vector"),
-                  ParamSpec(f"{h}.attn.c_proj.weight", (d, d), "matrix"),
-                  ParamSpec(f"{h}.attn.c_proj.bias", (d,), "vector")]  # fmt: skip
-        specs += [ParamSpec(f"{h}.ln_2.weight", (d,), "vector"), ParamSpec(f"{h}.ln_2.bias", (d,), "vector")]
-        specs += [ParamSpec(f"{h}.mlp.c_fc.weight", (d, 4 * d), "matrix"),
-                  ParamSpec(f"{h}.mlp.c_fc.bias", (4 * d,), "vector"),
-                  ParamSpec(f"{h}.mlp.c_proj.weight", (4 * d, d), "matrix"),
-                  ParamSpec(f"{h}.mlp.c_proj.bias", (d,), "vector")]  # fmt: skip
-    return [*specs, ParamSpec("ln_f.weight", (d,), "vector"), ParamSpec("ln_f.bias", (d,), "vector")]
 
 
 # -- optimizers -----------------------------------------------------------------------------------
@@ -174,7 +171,7 @@ def build(provider: str, specs: list[ParamSpec], params: list[Tensor], rank: int
     groups += [{"params": embs, "algorithm": "adamw"}] if embs else []
     common = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, adamw_lr=ADAMW_LR)
     ns_dtype = str(lk.get_ns_compute_dtype(dev)).removeprefix("torch.")
-    from limuon._common import _FUSED_ADAMW_DEVICES  # AdamW inside limuon: torch's fused kernel where it exists
+    from limuon._adamw import _FUSED_ADAMW_DEVICES  # AdamW inside limuon: torch's fused kernel where it exists
 
     limuon_adamw = "limuon (fused)" if dev.type in _FUSED_ADAMW_DEVICES else "limuon (foreach)"
     info = {"adamw_impl": limuon_adamw, "ns_compute_dtype": ns_dtype, "backend": lk.backend.resolve(dev)}
@@ -193,142 +190,119 @@ def build(provider: str, specs: list[ParamSpec], params: list[Tensor], rank: int
 # -- measurement ----------------------------------------------------------------------------------
 
 
-class GradFeeder:
-    """A closure that 'evaluates' gradients by assigning precomputed ones and times itself.
-
-    Call ``k`` of a step (``begin_step`` resets ``k``) assigns gradient set ``k`` (mod the number of
-    sets): set A at the current weights, set B at the previous ones in exact mode.
-    """
-
-    def __init__(self, params: list[Tensor], grad_sets: list[list[Tensor]]) -> None:
-        self.params, self.grad_sets = params, grad_sets
-        self.k = 0
-        self.seconds = 0.0  # host time spent in calls since the last reset_clock
-        self.steps = 0
-
-    def begin_step(self) -> None:
-        self.k = 0
-        self.steps += 1
-
-    def reset_clock(self) -> None:
-        self.seconds, self.steps = 0.0, 0
-
-    def __call__(self) -> None:
-        t0 = time.perf_counter()
-        for p, g in zip(self.params, self.grad_sets[self.k % len(self.grad_sets)]):
-            p.grad = g
-        self.k += 1
-        self.seconds += time.perf_counter() - t0
-
-
-def state_bytes(optimizers: list[Optimizer], only: list[Tensor] | None = None) -> tuple[int, int, dict[str, int]]:
-    """(state bytes, storage bytes, state bytes per key) of every tensor in the optimizers' state
-    (of the parameters in ``only``, if given).
-
-    State bytes: the bytes the state tensors cover, aliased bytes counted once (the per-parameter
-    entries of a stacked bucket are disjoint views of one storage: together they count the storage
-    once). Storage bytes: the full size of the storages they live in, i.e. the memory held; larger
-    when a state tensor is a slice of a bigger buffer.
-    """
-    spans: dict[tuple[str, int], list[tuple[int, int, str]]] = {}
-    sizes: dict[tuple[str, int], int] = {}
-    keep = None if only is None else {id(p) for p in only}
-    for opt in optimizers:
-        for p, st in opt.state.items():
-            if keep is not None and id(p) not in keep:
-                continue
-            for key, t in st.items():
-                if not isinstance(t, Tensor) or t.numel() == 0:
-                    continue
-                storage = t.untyped_storage()
-                sid = (str(t.device), storage.data_ptr())
-                sizes[sid] = storage.nbytes()
-                start = t.storage_offset() * t.element_size()
-                extent = (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))) * t.element_size()
-                spans.setdefault(sid, []).append((start, start + extent, key))
-    total = 0
-    by_key: dict[str, int] = {}
-    for parts in spans.values():
-        end = 0  # union of the byte ranges of this storage, attributed to the key that first covers them
-        for lo, hi, key in sorted(parts, key=lambda part: part[0]):  # stable: ties go to the first seen
-            new = max(0, hi - max(lo, end))
-            if new:
-                total += new
-                by_key[key] = by_key.get(key, 0) + new
-            end = max(end, hi)
-    return total, sum(sizes.values()), by_key
-
-
 @dataclass(frozen=True)
 class Reps:
-    """CPU sampling: at least ``min_n`` timed steps, then more until ``budget_s`` is spent or ``max_n``."""
+    """Sampling of one provider: ``warmup`` steps, then ``min_n`` to ``max_n`` timed steps, within ``budget_s``
+    wall seconds counted from the start of its set-up (CUDA: the warm-up is not counted; steps take ms)."""
 
     min_n: int = 3
     max_n: int = 10
-    budget_s: float = 5.0
+    budget_s: float = 12.0
     warmup: int = 2
 
 
-QUICK_REPS, FULL_REPS = Reps(3, 10, 8.0), Reps(5, 25, 30.0)
+QUICK_REPS, FULL_REPS = Reps(3, 10, 12.0), Reps(5, 25, 60.0)
+PROBE_SHAPE = (D_MODEL // 2, D_MODEL // 2)  # the smaller case of a bf16 step on a CPU without bf16 units
+
+
+def ns_flops(shape: tuple[int, ...]) -> float:
+    """FLOPs of one Newton–Schulz iteration on an m×n matrix: X Xᵀ (2s²l), A·A (2s³), B·X (2s²l), s ≤ l."""
+    s, l = min(shape), max(shape)
+    return 4 * s * s * l + 2 * s**3
+
+
+class Stepper:
+    """``provider``'s optimizer(s) on fresh parameters shaped by ``specs``, fed precomputed random gradients."""
+
+    def __init__(self, provider: str, specs: list[ParamSpec], dev: torch.device, rank: int, seed: int) -> None:
+        gen = torch.Generator(device=dev).manual_seed(seed)
+        self.params = [torch.randn(s.shape, device=dev, generator=gen).mul_(0.02).requires_grad_() for s in specs]
+        self.setup = build(provider, specs, self.params, rank)
+        n_sets = 2 if self.setup.uses_closure else 1
+        grad_sets = [[torch.randn(s.shape, device=dev, generator=gen) for s in specs] for _ in range(n_sets)]
+        self.feeder = GradFeeder(self.params, grad_sets)
+        self.feeder()  # the gradients of the providers that take no closure
+        self.closure_s: list[float] = []  # the closure's own seconds in each timed_step
+
+    def step(self) -> None:
+        self.feeder.begin_step()
+        self.setup.step(self.feeder if self.setup.uses_closure else None)
+
+    def timed_step(self) -> float:
+        """Seconds of one step without the closure's own time."""
+        self.feeder.reset_clock()
+        t = time_call(self.step)
+        self.closure_s.append(self.feeder.seconds)
+        return t - self.feeder.seconds
+
+
+def smaller_step(provider: str, specs: list[ParamSpec], dev: torch.device, rank: int) -> tuple[Smaller, dict] | None:
+    """Where ``provider`` would run bf16 Newton–Schulz on a CPU without bf16 units (minutes per step,
+    issue #10): its step on one ``PROBE_SHAPE`` matrix, scaled by Newton–Schulz FLOPs, and its info."""
+    run = Stepper(provider, [ParamSpec("probe", PROBE_SHAPE, "matrix")], dev, rank, seed=0)
+    if run.setup.info.get("ns_compute_dtype") != "bfloat16" or bf16_matmul_native(dev):
+        return None
+    scale = sum(ns_flops(s.shape) for s in specs if s.role == "matrix") / ns_flops(PROBE_SHAPE)
+    if scale <= 1:  # the case is no larger than the probe: nothing to gain
+        return None
+    what = f"a step on one {PROBE_SHAPE[0]}x{PROBE_SHAPE[1]} matrix, scaled by Newton–Schulz FLOPs x{scale:.0f}"
+    return Smaller(run.step, scale, what), run.setup.info
 
 
 def bench_provider(provider: str, specs: list[ParamSpec], dev: torch.device, *, quick: bool = True,
                    reps: Reps | None = None, rank: int = RANK, seed: int = 0) -> dict[str, Any]:
-    """Time ``provider``'s step on fresh parameters shaped by ``specs``; one record (without run metadata)."""
+    """Time ``provider``'s step on fresh parameters shaped by ``specs``, within ``reps.budget_s``; one record
+    (without run metadata). A step the budget cannot hold is timed once (``timeboxed``) or, for bf16 on a
+    CPU without bf16 units, extrapolated from a smaller case without being run (no state then: null)."""
+    start = time.perf_counter()
     cuda = dev.type == "cuda"
     reps = reps or (QUICK_REPS if quick else FULL_REPS)
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    params = [torch.randn(s.shape, device=dev, generator=gen).mul_(0.02).requires_grad_() for s in specs]
-    setup = build(provider, specs, params, rank)
-    n_sets = 2 if setup.uses_closure else 1
-    grad_sets = [[torch.randn(s.shape, device=dev, generator=gen) for s in specs] for _ in range(n_sets)]
-    feeder = GradFeeder(params, grad_sets)
-    feeder()  # the gradients of the providers that take no closure
-
-    def one_step() -> None:
-        feeder.begin_step()
-        setup.step(feeder if setup.uses_closure else None)
-
-    for _ in range(reps.warmup):
-        one_step()
+    probe = None if cuda else smaller_step(provider, specs, dev, rank)
+    if probe is not None and (est := extrapolate(probe[0], False, reps.budget_s, start)) is not None:
+        return provider_record(provider, specs, est, probe[1])
+    run = Stepper(provider, specs, dev, rank, seed)
     peak = extra = None
     if cuda:
+        for _ in range(reps.warmup):
+            run.step()
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        one_step()
+        run.step()
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
         extra = peak - before
-        feeder.reset_clock()
-        med, p20, p80 = measure(one_step, cuda=True, quick=quick)
-        closure_ms = 1e3 * feeder.seconds / max(feeder.steps, 1)
-        med, p20, p80 = (t - closure_ms for t in (med, p20, p80))
-        n_timed = feeder.steps
+        run.feeder.reset_clock()
+        timing = measure_within(run.step, reps.budget_s - (time.perf_counter() - start), cuda=True, quick=quick)
+        closure_ms = 1e3 * run.feeder.seconds / max(run.feeder.steps, 1)  # mean host time, an upper bound
+        timing = dataclasses.replace(timing, median_ms=timing.median_ms - closure_ms, p20_ms=timing.p20_ms - closure_ms,
+                                     p80_ms=timing.p80_ms - closure_ms, calls=timing.calls or run.feeder.steps)
     else:
-        samples, closure_s, spent = [], [], 0.0
-        while len(samples) < reps.max_n and (len(samples) < reps.min_n or spent < reps.budget_s):
-            feeder.reset_clock()
-            t = time_call(one_step)
-            spent += t
-            samples.append(t - feeder.seconds)
-            closure_s.append(feeder.seconds)
-        med, p20, p80 = summarize_ms(samples)
-        closure_ms = summarize_ms(closure_s)[0]
-        n_timed = len(samples)
-    total, storage_total, by_key = state_bytes(setup.optimizers)
-    matrix_total = state_bytes(setup.optimizers, [p for s, p in zip(specs, params) if s.role == "matrix"])[0]
-    record = {
-        "provider": PROVIDERS[provider], "provider_id": provider, "grad_evals": n_sets,
-        "median_ms": med, "p20_ms": p20, "p80_ms": p80, "closure_ms": closure_ms if setup.uses_closure else 0.0,
-        "timed_steps": n_timed, "warmup_steps": reps.warmup,
-        "state_bytes": total, "matrix_state_bytes": matrix_total, "state_storage_bytes": storage_total,
-        "state_by_key": by_key,
+        timing = sample_calls(run.timed_step, reps.budget_s, warmup=reps.warmup, min_calls=reps.min_n,
+                              max_calls=reps.max_n, start=start)
+        closure_ms = summarize_ms(run.closure_s[-timing.calls:])[0]
+    return provider_record(provider, specs, timing, run.setup.info, run, closure_ms, peak, extra)
+
+
+def provider_record(provider: str, specs: list[ParamSpec], timing: Timing, info: dict, run: Stepper | None = None,
+                    closure_ms: float = 0.0, peak: int | None = None, extra: int | None = None) -> dict[str, Any]:
+    """One record; without ``run`` (the step was not run) the state fields are null."""
+    state: tuple[Any, ...] = (None, None, None, None)
+    if run is not None:
+        total, storage_total, by_key = state_bytes(run.setup.optimizers)
+        mats = [p for s, p in zip(specs, run.params) if s.role == "matrix"]
+        state = (total, state_bytes(run.setup.optimizers, mats)[0], storage_total, by_key)
+    closure = info.get("variance_reduction") == "exact"
+    numel = [math.prod(s.shape) for s in specs]
+    return {
+        "provider": PROVIDERS[provider], "provider_id": provider, "grad_evals": 2 if closure else 1,
+        **timing.fields(), "closure_ms": closure_ms if closure else 0.0,
+        "timed_steps": timing.calls, "warmup_steps": timing.warmup_calls,
+        **dict(zip(("state_bytes", "matrix_state_bytes", "state_storage_bytes", "state_by_key"), state)),
         "peak_bytes": peak, "peak_step_extra_bytes": extra,
-        "param_bytes": sum(p.numel() * p.element_size() for p in params), "n_params": sum(p.numel() for p in params),
-        "n_tensors": len(params), "n_matrices": sum(s.role == "matrix" for s in specs), **setup.info,
+        "param_bytes": 4 * sum(numel), "n_params": sum(numel),  # fp32 parameters
+        "n_tensors": len(specs), "n_matrices": sum(s.role == "matrix" for s in specs), **info,
     }  # fmt: skip
-    return record
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -346,19 +320,21 @@ def cases(models: list[str], layers: int | None, quick: bool, cuda: bool) -> lis
 
 def print_table(records: list[dict]) -> None:
     head = ("case", "optimizer", "grads", "median ms", "p20", "p80", "closure ms", "state MB", "vs AdamW",
-            "matrices MB", "peak MB")  # fmt: skip
+            "matrices MB", "peak MB", "timing")  # fmt: skip
     adamw = {r["case"]: r["state_bytes"] for r in records if r["provider_id"] == "adamw"}
     rows = []
     for r in records:
-        ratio = f"{r['state_bytes'] / adamw[r['case']]:.3f}x" if adamw.get(r["case"]) else "-"
+        mb = [f"{r[k] / 2**20:.2f}" if r[k] is not None else "-" for k in ("state_bytes", "matrix_state_bytes")]
+        ratio = f"{r['state_bytes'] / adamw[r['case']]:.3f}x" if adamw.get(r["case"]) and r["state_bytes"] else "-"
         peak = f"{r['peak_bytes'] / 2**20:.0f}" if r["peak_bytes"] is not None else "-"
         times = [f"{r[k]:.1f}" for k in ("median_ms", "p20_ms", "p80_ms")]
-        mb = [f"{r['state_bytes'] / 2**20:.2f}", ratio, f"{r['matrix_state_bytes'] / 2**20:.2f}"]
-        rows.append((r["case"], r["provider"], str(r["grad_evals"]), *times, f"{r['closure_ms']:.3f}", *mb, peak))
+        note = "timeboxed, " * r["timeboxed"] + ("extrapolated" if r["extrapolated"] else f"{r['timed_steps']} steps")
+        rows.append((r["case"], r["provider"], str(r["grad_evals"]), *times, f"{r['closure_ms']:.3f}", mb[0], ratio,
+                     mb[1], peak, note))  # fmt: skip
     print(format_table(head, rows, n_left=2))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help=f"DistilGPT2 only, fewer repetitions; on CPU only its first {QUICK_CPU_LAYERS} layers")
@@ -370,29 +346,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON path ('-': none; default bench/results/step-...)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    default = ",".join(p for p in PROVIDERS if p != "muon-bf16" or not cuda)
+    args.providers = [p.strip() for p in (args.providers or default).split(",") if p.strip()]
+    args.models = [m.strip() for m in (args.models or ("distilgpt2" if args.quick else "distilgpt2,gpt2")).split(",")]
+    if bad := [p for p in args.providers if p not in PROVIDERS] + [m for m in args.models if m not in MODELS]:
+        ap.error(f"unknown provider(s)/model(s) {bad}; expected {list(PROVIDERS)} and {list(MODELS)}")
+    return args
+
+
+def plan(args: argparse.Namespace) -> tuple[float, str]:
+    """(upper bound in seconds, how it was found): every provider's budget, set-up included."""
+    n = len(args.providers) * len(args.models)
+    budget = (QUICK_REPS if args.quick else FULL_REPS).budget_s
+    return n * budget, f"{n} optimizers, each within {budget:g} s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
-    default = ",".join(p for p in PROVIDERS if p != "muon-bf16" or not cuda)
-    providers = [p.strip() for p in (args.providers or default).split(",") if p.strip()]
-    models = [m.strip() for m in (args.models or ("distilgpt2" if args.quick else "distilgpt2,gpt2")).split(",")]
-    if bad := [p for p in providers if p not in PROVIDERS] + [m for m in models if m not in MODELS]:
-        ap.error(f"unknown provider(s)/model(s) {bad}; expected {list(PROVIDERS)} and {list(MODELS)}")
     if args.rank != RANK:
         PROVIDERS.update({k: v.replace(f"r={RANK}", f"r={args.rank}") for k, v in PROVIDERS.items()})
     meta = run_meta(dev, args.quick, bench="step")
     print(f"# {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | load {meta['loadavg_1m']:.2f}")
     warn_if_loaded(meta, dev)
+    print_plan("step", *plan(args))
     records: list[dict] = []
     start = time.perf_counter()
-    for case, model, layers in cases(models, args.layers, args.quick, cuda):
+    for case, model, layers in cases(args.models, args.layers, args.quick, cuda):
         specs = gpt2_specs(layers)
-        for provider in providers:
+        for provider in args.providers:
             gc.collect()  # the previous provider's tensors, before this one allocates
             if cuda:
                 torch.cuda.empty_cache()
             log(f"  [{time.perf_counter() - start:6.1f}s] {case:<28} {PROVIDERS[provider]:<24}", "")
             rec = bench_provider(provider, specs, dev, quick=args.quick, rank=args.rank)
-            log(f" {rec['median_ms']:9.1f} ms")
+            log(f" {rec['median_ms']:9.1f} ms{timing_note(rec)}")
             records.append({**meta, "case": case, "model": model, "layers": layers, "model_layers": MODELS[model],
                             **rec, "loadavg_1m_end": os.getloadavg()[0]})  # fmt: skip
     print_table(records)

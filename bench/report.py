@@ -18,11 +18,12 @@ What it writes (to stdout and ``<results>/REPORT.md``):
   learning rate's validation loss per optimizer at equal steps and at equal gradient evaluations,
   and its verdict lines. Absent train results are simply left out.
 
-Plots (matplotlib, Agg backend; skipped with a note if matplotlib is missing or ``--no-plots``):
-``kernels.png`` throughput against problem size (elements) per op, one line per provider;
-``step.png`` step time (bars, p20–p80 whiskers) and optimizer state (stacked: hidden matrices,
-everything else) per optimizer; ``loss.png`` validation loss against steps and against gradient
-evaluations (one curve per optimizer: its best learning rate when the train records say which).
+Time-boxed measurements (bench/_common.py ``Timing``) are marked: † a time the budget cut short (fewer
+timed calls than planned; one call: the first, one-time costs included), ‡ a case not run whose time
+is extrapolated from a smaller one; a list under each table says what each marked row is.
+
+Plots (bench/report_plots.py; matplotlib, Agg backend; skipped with a note if matplotlib is missing or
+``--no-plots``): ``kernels.png``, ``step.png`` and ``loss.png``.
 
     python bench/report.py [--results bench/results] [--no-plots]
 """
@@ -128,6 +129,25 @@ def unique(values: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(values))
 
 
+def timing_mark(r: Record) -> str:
+    """The mark of a record's time: ‡ extrapolated (not run), † time-boxed (fewer calls than planned)."""
+    return " ‡" if r.get("extrapolated") else " †" if r.get("timeboxed") else ""
+
+
+def timing_notes(labelled: Iterable[tuple[str, Record]]) -> list[str]:
+    """One line per marked record saying what its time is, then a blank line (none when nothing is marked)."""
+    out = []
+    for label, r in labelled:
+        budget = f"its {r.get('budget_s', 0):g} s budget"
+        if r.get("extrapolated"):
+            out.append(f"- ‡ {label}: not run, it would exceed {budget}; extrapolated from "
+                       f"{r.get('measured_case')} ({fmt_ms(r.get('measured_ms'))} ms, timed once)")
+        elif r.get("timeboxed"):
+            first = " (the first call, so one-time costs included)" if not r.get("warmup_calls") else ""
+            out.append(f"- † {label}: time-boxed: {r.get('calls')} timed call(s){first} within {budget}")
+    return [*out, ""] if out else []
+
+
 def run_line(path: Path, recs: list[Record]) -> str:
     """One line saying where a table's numbers come from."""
     r = recs[0]
@@ -144,6 +164,11 @@ def run_line(path: Path, recs: list[Record]) -> str:
 # -- sections -------------------------------------------------------------------------------------
 
 
+def ratio(r: Record, base: Record | None, key: str, fmt: str) -> str:
+    """``fmt`` of r[key] / base[key], or "-" where either is missing (e.g. a step that was not run)."""
+    return fmt.format(r[key] / base[key]) if base and r.get(key) is not None and base.get(key) else "-"
+
+
 def kernels_section(results: dict) -> list[str]:
     out = []
     for (bench, _), (path, recs) in results.items():
@@ -156,13 +181,14 @@ def kernels_section(results: dict) -> list[str]:
                 speed = r.get("speedup_vs_torch")
                 rows.append((
                     str(op), str(r.get("case")), str(r.get("provider")), str(r.get("compute_dtype", "-")),
-                    fmt_ms(r.get("median_ms")), f"{fmt_ms(r.get('p20_ms'))}–{fmt_ms(r.get('p80_ms'))}",
+                    fmt_ms(r.get("median_ms")) + timing_mark(r), f"{fmt_ms(r.get('p20_ms'))}–{fmt_ms(r.get('p80_ms'))}",
                     f"{r['value']:.1f} {r.get('metric', '')}" if r.get("value") is not None else "-",
                     f"{r['pct_of_peak']:.0f}%" if r.get("pct_of_peak") is not None else "-",
                     f"{speed:.2f}×" if speed else "-",
                 ))  # fmt: skip
         head = ("op", "shape", "provider", "compute", "median ms", "p20–p80", "throughput", "% peak", "speedup")
         out += [run_line(path, recs), "", md_table(head, rows, n_left=4), ""]
+        out += timing_notes((f"{r.get('op')} {r.get('case')} {r.get('provider')}", r) for r in recs)
     if out:
         out = ["## Kernels", "", "Median ms per call; speedup = the `torch` (reference) backend's median over "
                "this row's, same run; % peak of the matmul (same compute dtype) or copy roof measured in that "
@@ -181,11 +207,11 @@ def step_section(results: dict) -> list[str]:
             adamw = next((r for r in in_case if r.get("provider_id") == "adamw"), None)
             for r in in_case:
                 t_ratio = f"{r['median_ms'] / adamw['median_ms']:.2f}×" if adamw else "-"
-                s_ratio = f"{r['state_bytes'] / adamw['state_bytes']:.3f}×" if adamw else "-"
-                m_ratio = (f"{r['matrix_state_bytes'] / adamw['matrix_state_bytes']:.3f}×"
-                           if adamw and r.get("matrix_state_bytes") is not None else "-")  # fmt: skip
+                s_ratio = ratio(r, adamw, "state_bytes", "{:.3f}×")
+                m_ratio = ratio(r, adamw, "matrix_state_bytes", "{:.3f}×")
                 rows.append((
-                    str(case), str(r.get("provider")), str(r.get("grad_evals", "-")), fmt_ms(r.get("median_ms")),
+                    str(case), str(r.get("provider")), str(r.get("grad_evals", "-")),
+                    fmt_ms(r.get("median_ms")) + timing_mark(r),
                     f"{fmt_ms(r.get('p20_ms'))}–{fmt_ms(r.get('p80_ms'))}", t_ratio,
                     fmt_mb(r.get("state_bytes")), s_ratio, fmt_mb(r.get("matrix_state_bytes")), m_ratio,
                     fmt_mb(r.get("peak_bytes")),
@@ -193,6 +219,7 @@ def step_section(results: dict) -> list[str]:
         head = ("case", "optimizer", "grads/step", "median ms", "p20–p80", "time vs AdamW", "state MB",
                 "state vs AdamW", "matrices' state MB", "vs AdamW", "GPU peak MB")  # fmt: skip
         out += [run_line(path, recs), "", md_table(head, rows, n_left=2), ""]
+        out += timing_notes((f"{r.get('case')} {r.get('provider')}", r) for r in recs)
     if out:
         out = ["## Optimizer step", "", "Time of one `optimizer.step()` (exact mode: without the closure's own time, "
                "i.e. without its two gradient evaluations); state = bytes of `optimizer.state` "
@@ -221,6 +248,10 @@ def train_section(results: dict) -> list[str]:
         if bench != "train":
             continue
         out += [run_line(path, recs), ""]
+        sweep = (recs[0].get("case_config") or {}).get("lr_sweep")
+        if isinstance(sweep, dict):  # which lrs ran (scripts/bench.sh runs one per kind on a slow CPU)
+            kinds = "; ".join(f"{k} {', '.join(f'{lr:g}' for lr in v)}" for k, v in sweep.items())
+            out += [f"Learning rates swept, per optimizer kind: {kinds}.", ""]
         best = [r for r in recs if r.get("record") == "best"]
         if best:
             rows = []
@@ -250,143 +281,6 @@ def train_section(results: dict) -> list[str]:
     return out
 
 
-# -- plots ----------------------------------------------------------------------------------------
-
-
-def _short_device(name: str) -> str:
-    return name.split("(")[0].strip()
-
-
-def plot_kernels(results: dict, path: Path, plt: Any) -> bool:
-    runs = [(dev, recs) for (bench, dev), (_, recs) in results.items() if bench == "kernels"]
-    if not runs:
-        return False
-    ops = unique(r.get("op") for _, recs in runs for r in recs)
-    cols = min(3, len(ops))
-    rows = math.ceil(len(ops) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False)
-    styles = ["-", "--", ":", "-."]
-    for ax, op in zip(axes.flat, ops):
-        ticks: dict[int, list[str]] = {}
-        metric = ""
-        for d, (dev, recs) in enumerate(runs):
-            mine = [r for r in recs if r.get("op") == op and r.get("value") is not None]
-            for provider in unique(r.get("provider") for r in mine):
-                pts = sorted((math.prod(r["shape"]), r["value"], r["case"]) for r in mine if r["provider"] == provider)
-                for n, _, case in pts:
-                    ticks.setdefault(n, [])
-                    if case not in ticks[n]:
-                        ticks[n].append(case)
-                cdtype = next(r.get("compute_dtype") for r in mine if r["provider"] == provider)
-                label = provider if cdtype in (None, "float32") else f"{provider} ({cdtype})"
-                label = label if len(runs) == 1 else f"{label}, {_short_device(dev)}"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles[d % 4], marker="o", label=label)
-                metric = mine[0].get("metric", "")
-        ax.set_xscale("log")
-        ax.set_xticks(list(ticks), ["\n".join(c) for c in ticks.values()], fontsize=7)
-        ax.minorticks_off()
-        ax.set_title(op)
-        ax.set_ylabel(metric)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(ops):]:
-        ax.set_visible(False)
-    title = "; ".join(_short_device(dev) for dev, _ in runs)
-    fig.suptitle(f"Kernel throughput vs problem size (elements), {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def plot_step(results: dict, path: Path, plt: Any) -> bool:
-    panels = [(dev, case, [r for r in recs if r.get("case") == case])
-              for (bench, dev), (_, recs) in results.items() if bench == "step"
-              for case in unique(r.get("case") for r in recs)]  # fmt: skip
-    if not panels:
-        return False
-    height = sum(0.9 + 0.36 * len(recs) for _, _, recs in panels)
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, height), squeeze=False,
-                             height_ratios=[len(recs) for _, _, recs in panels])  # fmt: skip
-    for (dev, case, recs), (ax_t, ax_s) in zip(panels, axes):
-        names = [r["provider"] for r in recs][::-1]
-        y = range(len(recs))
-        med = [r["median_ms"] for r in recs][::-1]
-        lo = [max(0.0, r["median_ms"] - r["p20_ms"]) for r in recs][::-1]
-        hi = [max(0.0, r["p80_ms"] - r["median_ms"]) for r in recs][::-1]
-        ax_t.barh(y, med, xerr=[lo, hi], color="tab:blue", alpha=0.8, capsize=3)
-        for i, (m, h) in enumerate(zip(med, hi)):
-            ax_t.text(m + h, i, f"  {fmt_ms(m)}", va="center", ha="left", fontsize=8)
-        ax_t.set_yticks(list(y), names, fontsize=8)
-        ax_t.set_xlabel("ms per step (median, p20–p80)")
-        ax_t.set_xlim(right=max(m + h for m, h in zip(med, hi)) * 1.25)
-        ax_t.set_title(f"{case} — {_short_device(dev)}", fontsize=10, loc="left")
-        mats = [(r.get("matrix_state_bytes") or 0) / MB for r in recs][::-1]
-        rest = [r["state_bytes"] / MB - m for r, m in zip(recs[::-1], mats)]
-        ax_s.barh(y, mats, color="tab:orange", label="hidden matrices")
-        ax_s.barh(y, rest, left=mats, color="tab:gray", alpha=0.6, label="embeddings, 1-D (AdamW)")
-        for i, (m, o) in enumerate(zip(mats, rest)):
-            ax_s.text(m + o, i, f" {fmt_mb((m + o) * MB)} ({fmt_mb(m * MB)})", va="center", ha="left", fontsize=8)
-        ax_s.set_yticks(list(y), [])
-        ax_s.set_xlabel("optimizer state, MB (total, hidden matrices' part)")
-        ax_s.set_xlim(right=max(m + o for m, o in zip(mats, rest)) * 1.4)
-        ax_s.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
-    for ax in axes.flat:
-        ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def best_runs(recs: list[Record]) -> set[tuple[str, str]] | None:
-    """(case, provider) of each optimizer's best-lr curve, when the train records name them."""
-    chosen = set()
-    for b in (r for r in recs if r.get("record") == "best"):
-        entry = b.get("equal_steps") or b.get("equal_grad_evals") or {}
-        if "lr" in entry:
-            chosen.add((str(b.get("case")), f"{b.get('provider')} lr={entry['lr']:g}"))
-    return chosen or None
-
-
-def plot_loss(results: dict, path: Path, plt: Any) -> bool:
-    panels = []
-    for (bench, dev), (_, recs) in results.items():
-        if bench != "train":
-            continue
-        curves = train_curves(recs)
-        chosen = best_runs(recs)
-        if chosen and chosen & set(curves):
-            curves = {k: v for k, v in curves.items() if k in chosen}
-        for case in unique(c for c, _ in curves):
-            panels.append((dev, case, {p: v for (c, p), v in curves.items() if c == case}))
-    panels = [p for p in panels if any(r.get("val_loss") is not None for v in p[2].values() for r in v)]
-    if not panels:
-        return False
-    fig, axes = plt.subplots(len(panels), 2, figsize=(12, 4.2 * len(panels)), squeeze=False)
-    for (dev, case, curves), row in zip(panels, axes):
-        vals = []
-        for ax, key, xlabel in zip(row, ("step", "grad_evals"), ("steps", "gradient evaluations")):
-            for provider, curve in curves.items():
-                pts = [r for r in curve if r.get("val_loss") is not None and r.get(key) is not None]
-                ax.plot([r[key] for r in pts], [r["val_loss"] for r in pts], marker=".", label=provider)
-                vals += [r["val_loss"] for r in pts[len(pts) // 5:]]
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel("validation loss")
-            ax.set_title(f"{case} — {_short_device(dev)}", fontsize=10, loc="left")
-            ax.grid(alpha=0.3)
-        if vals:  # the early, high losses would squash the part where the optimizers differ
-            lo, hi = min(vals), max(vals)
-            for ax in row:
-                ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-        row[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
-
-
 # -- main -----------------------------------------------------------------------------------------
 
 
@@ -408,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from report_plots import plot_kernels, plot_loss, plot_step  # here: it imports this module
         except ImportError:
             notes.append("matplotlib is not installed: no plots (pip install matplotlib)")
         else:
