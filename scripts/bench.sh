@@ -11,6 +11,8 @@
 #   4. bench/report.py over the newest result of each benchmark and device.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The benchmarks need neither Lightning nor transformers (the integration tests do).
+export LIMUON_NO_INTEGRATIONS="${LIMUON_NO_INTEGRATIONS:-1}"
 source "$ROOT/scripts/setup_env.sh"
 cd "$ROOT"
 setup_s=$SECONDS

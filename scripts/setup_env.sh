@@ -49,6 +49,26 @@ have matplotlib || "$PY" -m pip install -q matplotlib || echo "warning: matplotl
 # `python -m build` (sdists; tests/test_wheel.py uses it and skips its sdist tests without it). Asked with
 # -m rather than `have`: a build/ folder in the working directory would pass for the package.
 "$PY" -m build --version >/dev/null 2>&1 || "$PY" -m pip install -q build || echo "warning: build could not be installed" >&2
+# PyTorch Lightning and Hugging Face's Trainer, for tests/test_integrations.py and examples/. Pinned, and
+# installed under a constraint that pins the torch already here: each of them depends on torch, and pip
+# must never swap it. Installed only when missing (about 30 s, 215 MB). Where that fails (a GPU machine
+# without network) those tests skip; under CI=true they must run, so the set-up fails instead.
+# LIMUON_NO_INTEGRATIONS=1 skips this step (the tests then skip too, except under CI=true).
+INTEGRATION_REQS=(pytorch-lightning==2.6.6 transformers==5.23.0 accelerate==1.15.0)
+if [ "${LIMUON_NO_INTEGRATIONS:-0}" != 1 ] && ! "$PY" -c "import importlib.util as u, sys
+sys.exit(any(u.find_spec(m) is None for m in ('pytorch_lightning', 'transformers', 'accelerate')))"; then
+  constraints=$(mktemp)
+  "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+  if ! "$PY" -m pip install -q -c "$constraints" "${INTEGRATION_REQS[@]}"; then
+    if [ "${CI:-}" = true ]; then
+      echo "error: could not install ${INTEGRATION_REQS[*]} (needed by tests/test_integrations.py in CI)" >&2
+      rm -f "$constraints"
+      exit 1
+    fi
+    echo "warning: ${INTEGRATION_REQS[*]} could not be installed: the integration tests will skip" >&2
+  fi
+  rm -f "$constraints"
+fi
 if [ "$stale" = 1 ]; then
   # --no-deps: torch and the test tools are already in place (see above); the build must not pull a new torch.
   (cd "$ROOT" && MAX_JOBS="${MAX_JOBS:-2}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .)
