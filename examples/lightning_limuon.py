@@ -4,18 +4,18 @@ Lightning passes a closure to ``optimizer.step``: it runs ``training_step``, zer
 runs backward, on the same batch every time it is called. That is exactly what LiMuon's exact mode
 (the paper's STORM momentum ``M_k = g(W_k) + μ·(M_{k−1} − g(W_{k−1}))``) needs, so
 ``configure_optimizers`` just returns the optimizer. From the second step on, LiMuon calls the
-closure twice per step: ``training_step`` runs at the current weights ``W_k``, then at the previous
-ones ``W_{k−1}`` (restored right after; LiMuon's ``exact_restore`` says which parameters move back).
+closure twice per step: ``training_step`` runs at the previous weights ``W_{k−1}`` (restored right
+after; LiMuon's ``exact_restore`` says which parameters move back), then at the current ones ``W_k``.
 Consequences worth knowing:
 
-* Anything ``training_step`` logs is logged twice per step, and the training-step output Lightning
-  keeps (``outputs`` of ``on_train_batch_end``) is the second call's, at ``W_{k−1}``. Log the loss
-  returned by ``optimizer.step`` instead (``optimizer_step`` below): that is the loss at ``W_k``.
+* Anything ``training_step`` logs is logged twice per step (once at each point). The training-step
+  output Lightning keeps (``outputs`` of ``on_train_batch_end``) is the last call's, at ``W_k``, and so
+  is the loss ``optimizer.step`` returns (logged in ``optimizer_step`` below).
 * Gradient clipping (``gradient_clip_val``) and ``on_before_optimizer_step`` run after each call.
 * Exact mode needs Lightning to pass the closure: fp32 and ``precision="bf16-mixed"`` do (and
   ``"16-mixed"`` on CPU, which Lightning runs as bf16); ``"16-mixed"`` on a GPU (a GradScaler),
   DeepSpeed and FSDP call the closure themselves, then ``step()`` without it, and
-  ``accumulate_grad_batches > 1`` would give the second call only the last micro-batch. Use
+  ``accumulate_grad_batches > 1`` would give the call at ``W_{k−1}`` only the last micro-batch. Use
   ``variance_reduction="approx"`` there (one gradient per step, no closure).
 
 The model is a small next-token MLP on synthetic Markov-chain tokens (``_data.py``); embeddings and
@@ -91,7 +91,7 @@ class LitLiMuon(pl.LightningModule):
         return next_token_loss(self.model, batch[0])
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        loss = optimizer.step(closure=optimizer_closure)  # LiMuon returns the first call's loss, at W_k
+        loss = optimizer.step(closure=optimizer_closure)  # LiMuon returns the last call's loss, at W_k
         self.log("train_loss", loss, prog_bar=True)
 
     def configure_optimizers(self) -> limuon.LiMuon:

@@ -72,8 +72,9 @@ def test_the_reference_tells_the_scopes_apart():
 
 @pytest.mark.parametrize("scope", ["all", "matrices"])
 def test_the_closure_sees_the_previous_iterate(scope):
-    """Observed from inside the closure: on its second call every parameter in the scope is where it was
-    before the last step, to the bf16 rounding of the stored update (the others are at W_k)."""
+    """Observed from inside the closure: on the call at the previous iterate every parameter in the scope is
+    where it was before the last step, to the bf16 rounding of the stored update (the others are at W_k);
+    the last call of a step is at the current weights."""
     model = make_model()
     closure = make_closure(model, make_batch())
     seen: list[dict[str, torch.Tensor]] = []
@@ -90,9 +91,11 @@ def test_the_closure_sees_the_previous_iterate(scope):
         after.append(snapshot(model))
     assert len(seen) == 1 + 2 + 2
     exact_matrices = {n for n, p in model.named_parameters() if p.ndim >= 2 and not n.startswith(("head", "down."))}
-    for k, second_call in ((2, seen[2]), (3, seen[4])):  # step k's second call
+    # Step k calls the closure at W_{k-1} first, then at W_k (whose loss it returns).
+    for k, (at_previous, at_current) in ((2, (seen[1], seen[2])), (3, (seen[3], seen[4]))):
         previous, current = after[k - 2], after[k - 1]
-        for name, value in second_call.items():
+        assert all(torch.equal(at_current[n], current[n]) for n in current), f"step {k}: last call not at W_k"
+        for name, value in at_previous.items():
             moved = scope == "all" or name in exact_matrices
             want = previous[name] if moved else current[name]
             step = (previous[name] - current[name]).abs().max().item()

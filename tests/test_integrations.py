@@ -3,8 +3,9 @@ Trainer (approx mode, ``step()`` without a closure), with the real libraries and
 
 What is checked, and against what:
 
-* Lightning calls the closure twice per step from step 2 on, the second time on the same batch at the
-  previous iterate ``W_{k−1}`` (rebuilt as ``W_k + bf16(W_{k−1} − W_k)``: equal to the recorded
+* Lightning calls the closure twice per step from step 2 on, first on the batch at the previous iterate
+  ``W_{k−1}``, then on the same batch at ``W_k`` (so the last call, whose result Lightning keeps, is at the
+  current weights); the previous iterate is (rebuilt as ``W_k + bf16(W_{k−1} − W_k)``: equal to the recorded
   ``W_{k−1}`` within half a bf16 ulp of the update) of every parameter (``exact_restore="all"``) or of
   the matrices only, the AdamW-routed parameters staying at ``W_k`` (``"matrices"``); the trained
   weights match the fp64 reference of ALGORITHM.md (limuon_reference.py) fed the same batches, within
@@ -159,18 +160,18 @@ def _lightning_loader(lit: ModuleType, n_seq: int) -> DataLoader:
     return DataLoader(TensorDataset(tokens), batch_size=16, shuffle=False)
 
 
-def _assert_second_call_at_previous_iterate(call: tuple, second: tuple, previous: tuple, moved: set[str], k: int):
-    """Step ``k``'s second ``training_step`` call got the first call's batch, with the ``moved``
-    parameters at the previous step's values (to bf16 rounding of the update) and the others unmoved."""
-    (_, batch, now), (_, batch2, during), (_, _, before) = call, second, previous
-    assert torch.equal(batch, batch2), f"step {k}: the second call got another batch"
+def _assert_call_at_previous_iterate(call: tuple, at_previous: tuple, previous: tuple, moved: set[str], k: int):
+    """Step ``k``'s ``training_step`` call at the previous iterate got the batch of its call at ``W_k``, with
+    the ``moved`` parameters at the previous step's values (to bf16 rounding of the update), the others unmoved."""
+    (_, batch, now), (_, batch2, during), (_, _, before) = call, at_previous, previous
+    assert torch.equal(batch, batch2), f"step {k}: the call at W_(k-1) got another batch"
     for n in now:
         if n not in moved:
-            assert torch.equal(during[n], now[n]), f"step {k}: {n} moved for the second call"
+            assert torch.equal(during[n], now[n]), f"step {k}: {n} moved for the call at W_(k-1)"
             continue
         delta = (before[n] - now[n]).abs()
         bound = BF16_HALF_ULP * delta + 1e-6 * before[n].abs()
-        assert bool(((during[n] - before[n]).abs() <= bound).all()), f"step {k}: {n} is not W_(k-1) in the 2nd call"
+        assert bool(((during[n] - before[n]).abs() <= bound).all()), f"step {k}: {n} is not at W_(k-1)"
         assert bool((delta > 0).any()), f"step {k}: {n} did not move"
 
 
@@ -185,14 +186,14 @@ def test_lightning_exact_mode_calls_closure_twice_and_matches_reference(lit, exa
 
     # One closure call on the first step, two on each later one.
     assert [c[0] for c in module.calls] == [0] + [k for k in range(1, steps) for _ in range(2)]
-    first = [module.calls[0]] + [module.calls[2 * k - 1] for k in range(1, steps)]  # each step's first call
+    first = [module.calls[0]] + [module.calls[2 * k] for k in range(1, steps)]  # each step's call at W_k (last)
     matrices = {n for n, p in module.model.blocks.named_parameters(prefix="blocks") if p.ndim >= 2}
     for k in range(1, steps):
         moved = matrices if exact_restore == "matrices" else set(init)
-        _assert_second_call_at_previous_iterate(first[k], module.calls[2 * k], first[k - 1], moved, k)
+        _assert_call_at_previous_iterate(first[k], module.calls[2 * k - 1], first[k - 1], moved, k)
 
-    # The example logs what step() returns: the loss at W_k (the last step's first call), not W_{k−1}'s.
-    assert float(trainer.callback_metrics["train_loss"]) == module.losses[-2] != module.losses[-1]
+    # The example logs what step() returns, the loss at W_k: also Lightning's own last closure result.
+    assert float(trainer.callback_metrics["train_loss"]) == module.losses[-1] != module.losses[-2]
 
     ref = ReferenceLiMuon(ref_groups, **LIGHTNING_OPT, exact_restore=exact_restore)
     for k in range(steps):

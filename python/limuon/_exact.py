@@ -2,10 +2,9 @@
 step's batch (docs/ALGORITHM.md §2, "exact mode and the closure").
 
 Every parameter that is moved back keeps ``last_update = W_{k−1} − W_k`` in bf16 (state key
-``"last_update"``); a parameter that did not step keeps a zero one. For the second closure call the
-parameters are moved back by it, the random number generators are put back to where they were before
-the first call (dropout draws the same masks: the same sample ξ), and afterwards parameters, gradients
-and generators are restored exactly as they were after the first call (also when the closure raises).
+``"last_update"``); a parameter that did not step keeps a zero one. A step calls the closure first at
+``W_{k−1}`` (the parameters moved back by it) and then at ``W_k``, with the random number generators
+replayed so that both calls draw the same sample ξ; the second call's loss is the one returned.
 """
 
 from __future__ import annotations
@@ -42,39 +41,48 @@ def set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def previous_iterate_gradients(
-    params: list[Tensor],
-    movers: list[Tensor],
-    needed: list[tuple[int, Tensor]],
-    state: dict,
-    closure: Callable[[], Any],
-    rng_before: tuple,
-    process_group: Any,
-) -> dict[int, Tensor]:
-    """``{id(p): g(W_{k−1})}`` for the ``needed`` (index, parameter) pairs.
+def closure_at_previous_iterate(
+    params: list[Tensor], movers: list[Tensor], state: dict, closure: Callable[[], Any]
+) -> dict[int, Tensor | None]:
+    """Call ``closure`` with ``movers`` moved back by their ``last_update`` (to ``W_{k−1}``) and return
+    ``{id(p): gradient}`` of every parameter in ``params`` from that call.
 
-    ``params``: every parameter of the optimizer (their gradients are saved and put back);
-    ``movers``: those moved back by their ``last_update`` for the call. The transient memory is one
-    copy of the movers (restored bit for bit afterwards, not by subtracting the update again).
+    This is the FIRST of exact mode's two calls, so that the last one runs at the current weights: the
+    loss ``step`` returns, what training loops such as Lightning keep from the last closure call, and
+    BatchNorm statistics all belong to ``W_k``. Afterwards the movers are restored bit for bit (from a
+    transient copy, not by subtracting the update again), every ``.grad`` is ``None`` for the next call
+    (so a closure that zeroes gradients in place cannot overwrite these), and the random number
+    generators are back where they were, so the next call draws the same dropout masks: the same ξ.
+    If the closure raises, parameters, gradients and generators are put back as they were.
     """
     saved_grads = [p.grad for p in params]
     saved_weights = [local(p).clone() for p in movers]
-    rng_after = rng_state()
+    rng = rng_state()
+    ok = False
     try:
-        set_rng_state(rng_before)
         for p in params:
             p.grad = None
-        torch._foreach_add_([local(p) for p in movers],
-                            [local(state[p]["last_update"]).view_as(local(p)) for p in movers])
+        if movers:
+            torch._foreach_add_([local(p) for p in movers],
+                                [local(state[p]["last_update"]).view_as(local(p)) for p in movers])
         with torch.enable_grad():
             closure()
-        wanted = [(i, p, p.grad) for i, p in needed]
-        check_gradients(wanted, what="gradient at the previous iterate (second closure call)",
-                        group=process_group, required=True)
-        return {id(p): g for _, p, g in wanted}
+        grads = {id(p): p.grad for p in params}
+        ok = True
     finally:
-        set_rng_state(rng_after)
+        set_rng_state(rng)
         for p, w in zip(movers, saved_weights):
             local(p).copy_(w)
         for p, g in zip(params, saved_grads):
-            p.grad = g
+            p.grad = None if ok else g
+    return grads
+
+
+def previous_gradients(needed: list[tuple[int, Tensor]], grads: dict[int, Tensor | None],
+                       process_group: Any) -> dict[int, Tensor]:
+    """The gradients at ``W_{k−1}`` of the ``needed`` (index, matrix) pairs, each required (on every rank)
+    and finite, else the step is refused with nothing changed."""
+    wanted = [(i, p, grads.get(id(p))) for i, p in needed]
+    check_gradients(wanted, what="gradient at the previous iterate (closure call at W_{k-1})",
+                    group=process_group, required=True)
+    return {id(p): g for _, p, g in wanted}
