@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import limuon
+import limuon_kernels as lk
 from limuon._common import HybridOptimizer
 
 D, HIDDEN, OUT, BATCH, SEQ = 16, 40, 10, 6, 5
@@ -73,10 +74,11 @@ def make_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 #: name → (optimizer class, keyword arguments); every mode and both options of LiMuon, and Muon
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "muon": ("Muon", dict(lr=0.02)),
+    "muon": ("Muon", dict(lr=0.02, adamw_lr=0.02)),
     **{
         f"limuon-{mode}-{'r3' if rank else 'dense'}": (
-            "LiMuon", dict(lr=0.02, variance_reduction=mode, rank=rank, weight_decay=0.01))
+            "LiMuon", dict(lr=0.02, adamw_lr=0.02, momentum=0.95, variance_reduction=mode, rank=rank,
+                           weight_decay=0.01))
         for mode in ("exact", "approx", "none") for rank in (None, 3)
     },
 }
@@ -85,6 +87,14 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 def make_optimizer(config: str, model: nn.Module, **extra: Any) -> torch.optim.Optimizer:
     cls, kwargs = CONFIGS[config]
     return getattr(limuon, cls)(model.parameters(), **kwargs, **extra)
+
+
+def pin_fp32_newton_schulz() -> None:
+    """The tolerances are for fp32 Newton–Schulz on CPU: a CPU with bf16 matrix instructions defaults to
+    bf16, which turns the fp32 differences of the gradient sums into bf16-sized ones (GPUs keep bf16).
+    Set as the process default, not as ``ns_compute_dtype=``: torch.distributed.checkpoint cannot save a
+    torch.dtype in the param groups."""
+    lk.set_ns_compute_dtype("cpu", torch.float32)
 
 
 def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
@@ -147,6 +157,7 @@ def spawn(fn: Callable[..., None], world: int, *args: Any, backend: str = "gloo"
 def _entry(rank: int, world: int, port: int, backend: str, fn: Callable[..., None], args: tuple) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    pin_fp32_newton_schulz()
     if backend == "nccl":
         torch.cuda.set_device(rank)
     # A timeout turns a hang (ranks waiting in different collectives) into an error.
@@ -282,7 +293,8 @@ def make_extra() -> nn.Parameter:
 def grow(model: nn.Module, extra: nn.Parameter, x: torch.Tensor, y: torch.Tensor) -> None:
     """LiMuon (exact, rank 3) on the blocks for 2 steps; then a param group with the rest of the model
     and ``extra`` (a plain tensor of the shape of a sharded one) is added, and 2 more steps."""
-    opt = limuon.LiMuon(list(model.blocks.parameters()), lr=0.02, rank=3, weight_decay=0.01)
+    opt = limuon.LiMuon(list(model.blocks.parameters()), lr=0.02, adamw_lr=0.02, momentum=0.95,
+                        variance_reduction="exact", rank=3, weight_decay=0.01)
     train(model, opt, x, y, 2, extra)
     rest = [p for name, p in model.named_parameters() if ".blocks." not in f".{name}"]
     opt.add_param_group({"params": [*rest, extra]})

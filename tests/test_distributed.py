@@ -22,6 +22,19 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 STEPS = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _fp32_newton_schulz():
+    """This process's single-process runs use fp32 Newton–Schulz like the workers (see
+    distributed_worker.pin_fp32_newton_schulz); module-scoped, so it is set before ``reference``."""
+    import limuon_kernels.ops as ops
+
+    saved = dict(ops._NS_COMPUTE_DTYPE)
+    _worker().pin_fp32_newton_schulz()
+    yield
+    ops._NS_COMPUTE_DTYPE.clear()
+    ops._NS_COMPUTE_DTYPE.update(saved)
+
+
 def _worker():
     import distributed_worker
 

@@ -3,16 +3,19 @@
 Every comparison measures ‖W_opt − W_ref‖ / ‖W_ref − W_0‖ per parameter: the error relative to how
 far the optimizer moved the parameter. The tolerances and what they are worth:
 
-* ``RTOL_FP32`` (approx, none): the optimizer works in fp32 (gradients, Newton–Schulz on CPU, SVD,
-  RSVD); measured ≤ 3e-4 over 4 steps. Any wrong coefficient (γ, 1 − μ, lr scale, wd, a skipped
-  first-step rule) moves the result by 3e-2 or more.
+* ``RTOL_FP32`` (approx, none): the optimizer works in fp32 (gradients, Newton–Schulz, pinned to fp32
+  by ``_fp32_newton_schulz`` whatever this CPU's default is, SVD, RSVD); measured ≤ 1e-4 over 4 steps.
+  Any wrong coefficient (γ, 1 − μ, lr scale, wd, a skipped first-step rule) moves the result by 3e-2
+  or more.
 * ``RTOL_EXACT`` (exact): the previous iterate is rebuilt as W_k + bf16(W_{k−1} − W_k). The reference
   uses that same rule in fp64, but fp32 and fp64 runs round some update entries to neighbouring bf16
-  values (each 2^-8 of the entry apart): measured ≤ 1e-3. For scale, the bf16 rounding itself (this
+  values (each 2^-8 of the entry apart): measured ≤ 1.1e-3. For scale, the bf16 rounding itself (this
   rule against a restore from an exact copy) moves the result by 2–4e-3 (1e-2 with polar_express,
   whose first iteration multiplies by 8). The mildest bug guarded against, a missing μ on the
-  correction, moves it by ≥ 4e-2; a flipped sign, a skipped correction or g_old taken at W_k by
-  ≥ 0.5. ``test_tolerances_discriminate`` re-measures both sides of this on the reference itself.
+  correction, moves it by ≥ 0.19; a second gradient that sees only the matrices moved back (not the
+  AdamW-routed parameters) by ≥ 0.55; a flipped sign, a skipped correction or g_old taken at W_k by
+  ≥ 0.9. ``test_tolerances_discriminate`` re-measures both sides of this on the reference itself.
+  Each step has its own batch (``step_problem``): with one fixed batch the correction would vanish.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import math
 
 import pytest
 import torch
-from limuon_reference import ReferenceLiMuon
+from limuon_reference import DEFAULT_MOMENTUM, ReferenceLiMuon
 from optim_helpers import (
     assert_trajectory_close,
     make_batch,
@@ -36,6 +39,7 @@ from optim_helpers import (
 )
 
 import limuon
+import limuon_kernels as lk
 
 RTOL_FP32 = 2e-3
 RTOL_EXACT = 1e-2
@@ -45,6 +49,13 @@ LR = 0.05  # large enough that the exact-mode correction g(W_k) − g(W_{k−1})
 # rank 3 with a sketch of width ≥ min(m, n) for every matrix of SmallNet (min dims 3, 5, 16, 18):
 # RSVD is then the exact truncated SVD, whatever Ω is.
 TRUNCATED = dict(rank=3, oversample=15)
+
+
+@pytest.fixture(autouse=True)
+def _fp32_newton_schulz():
+    """The tolerances above are for fp32 Newton–Schulz; a CPU with bf16 matrix instructions defaults to
+    bf16 (errors of 1e-2 to 1e-1, see test_ns_compute_dtype). conftest restores the default afterwards."""
+    lk.set_ns_compute_dtype("cpu", torch.float32)
 
 
 def run_both(
@@ -57,20 +68,29 @@ def run_both(
 ):
     """Train SmallNet with limuon.LiMuon and the reference side by side; return both."""
     model = model or make_model()
-    batch = make_batch()
     init = snapshot(model)
     groups = groups(model) if groups is not None else list(model.parameters())
     ref_groups, names = reference_groups(model, groups)
     ref = ref_cls(ref_groups, **{**opt_kwargs, **(ref_overrides or {})})
-    grad_fn = make_grad_fn(model, batch, names)
     opt = limuon.LiMuon(groups, **opt_kwargs)
-    closure = make_closure(model, batch)
     for k in range(steps):
+        closure, grad_fn = step_problem(model, names, k)
         loss = opt.step(closure)
         ref_loss = ref.step(grad_fn)
         assert loss is not None
         assert math.isclose(float(loss), float(ref_loss), rel_tol=1e-3), f"step {k}: loss {loss} vs {ref_loss}"
     return model, opt, ref, names, init
+
+
+def step_problem(model, names: list[str], k: int):
+    """Step ``k``'s closure (for the optimizer) and ``grad_fn`` (for the reference), both on batch ``k``.
+
+    A new batch every step, the same one for every gradient within the step, as in training. With one
+    fixed batch, exact mode's correction μ·(M_{k−1} − g(W_{k−1})) vanishes (M_k = g(W_k) for all k once
+    every parameter is moved back), so a wrong correction could not be seen; with batch ξ_k it is
+    μ·(M_{k−1} − g(W_{k−1}; ξ_k)), the change of batch."""
+    batch = make_batch(seed=1 + k)
+    return make_closure(model, batch), make_grad_fn(model, batch, names)
 
 
 def check(model, ref, names, init, rtol, context):
@@ -84,7 +104,7 @@ def check(model, ref, names, init, rtol, context):
 @pytest.mark.parametrize("option", ["full", "lowrank"])
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(mode, option, orthogonalizer):
-    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, orthogonalizer=orthogonalizer)
+    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, orthogonalizer=orthogonalizer, adamw_lr=LR)
     if option == "lowrank":
         kw.update(TRUNCATED)
     model, _, ref, names, init = run_both(kw)
@@ -93,8 +113,10 @@ def test_matches_reference(mode, option, orthogonalizer):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_default_hyperparameters(mode):
-    """Defaults (μ = 0.95, γ = 0.025, wd = 0.1, keller NS, ...) as documented, only lr raised."""
-    model, _, ref, names, init = run_both(dict(lr=LR, variance_reduction=mode))
+    """Defaults (μ = DEFAULT_MOMENTUM[mode], γ = 0.025, wd = 0.1, keller NS, ...) as documented, only lr
+    raised (and adamw_lr given, which has no default)."""
+    assert limuon.limuon.DEFAULT_MOMENTUM == DEFAULT_MOMENTUM, "the reference's documented default momentum"
+    model, _, ref, names, init = run_both(dict(lr=LR, variance_reduction=mode, adamw_lr=LR))
     check(model, ref, names, init, RTOL[mode], mode)
 
 
@@ -112,6 +134,7 @@ def test_rsvd_sketch_seeding(mode, power_iters):
         oversample=5,
         power_iters=power_iters,
         seed=7,
+        adamw_lr=LR,
     )
     model, _, ref, names, init = run_both(kw)
     check(model, ref, names, init, RTOL[mode], f"{mode}/q={power_iters}")
@@ -119,7 +142,7 @@ def test_rsvd_sketch_seeding(mode, power_iters):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rank_at_least_min_dim_is_option1(mode):
-    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, orthogonalizer="svd")
+    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, orthogonalizer="svd", adamw_lr=LR)
     model, _, ref, names, init = run_both({**kw, "rank": 200}, ref_overrides={"rank": None})
     check(model, ref, names, init, RTOL[mode], mode)
 
@@ -131,7 +154,8 @@ def test_rank_at_least_min_dim_is_option1(mode):
 )
 @pytest.mark.parametrize("mode", ["exact", "approx"])
 def test_newton_schulz_coefficients(mode, coefficients, steps):
-    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, ns_coefficients=coefficients, ns_steps=steps)
+    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, ns_coefficients=coefficients, ns_steps=steps,
+              adamw_lr=LR)
     model, _, ref, names, init = run_both(kw)
     check(model, ref, names, init, RTOL[mode], f"{mode}/{coefficients}/{steps}")
 
@@ -139,8 +163,11 @@ def test_newton_schulz_coefficients(mode, coefficients, steps):
 @pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.3])
 def test_lr_adjustment_and_weight_decay(adjust_lr_fn, weight_decay):
+    # match_rms_adamw: adamw_lr=None means the group's lr for the AdamW part too; otherwise it is required.
+    adamw_lr = None if adjust_lr_fn == "match_rms_adamw" else 0.02
     kw = dict(
-        lr=0.02, variance_reduction="none", orthogonalizer="svd", adjust_lr_fn=adjust_lr_fn, weight_decay=weight_decay
+        lr=0.02, variance_reduction="none", orthogonalizer="svd", adjust_lr_fn=adjust_lr_fn, weight_decay=weight_decay,
+        adamw_lr=adamw_lr,
     )
     model, _, ref, names, init = run_both(kw, steps=3)
     check(model, ref, names, init, RTOL_FP32, f"{adjust_lr_fn}/wd={weight_decay}")
@@ -148,7 +175,7 @@ def test_lr_adjustment_and_weight_decay(adjust_lr_fn, weight_decay):
 
 @pytest.mark.parametrize("gamma", [0.0, 0.2, 1.0])
 def test_approx_gamma(gamma):
-    kw = dict(lr=LR, variance_reduction="approx", orthogonalizer="svd", gamma=gamma)
+    kw = dict(lr=LR, variance_reduction="approx", orthogonalizer="svd", gamma=gamma, adamw_lr=LR)
     model, _, ref, names, init = run_both(kw)
     check(model, ref, names, init, RTOL_FP32, f"gamma={gamma}")
 
@@ -186,7 +213,7 @@ def mixed_groups(model):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_param_groups(mode):
-    model, opt, ref, names, init = run_both(dict(lr=LR, variance_reduction=mode), groups=mixed_groups)
+    model, opt, ref, names, init = run_both(dict(lr=LR, variance_reduction=mode, adamw_lr=LR), groups=mixed_groups)
     check(model, ref, names, init, RTOL[mode], mode)
     assert len(opt.param_groups) == 4
 
@@ -195,7 +222,7 @@ def test_param_groups(mode):
 def test_param_without_grad_is_skipped(mode):
     model = make_model(with_unused=True)
     before = model.unused.detach().clone()
-    model, opt, ref, names, init = run_both(dict(lr=LR, variance_reduction=mode), model=model, steps=3)
+    model, opt, ref, names, init = run_both(dict(lr=LR, variance_reduction=mode, adamw_lr=LR), model=model, steps=3)
     check(model, ref, names, init, RTOL[mode], mode)
     assert torch.equal(model.unused.detach(), before), "a parameter without gradient was changed"
     assert len(opt.state.get(model.unused, {})) == 0, "state was created for a parameter without gradient"
@@ -203,20 +230,22 @@ def test_param_without_grad_is_skipped(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_hyperparameters_changed_between_steps(mode):
-    """What an lr scheduler (or user code) does: edit param_groups between steps."""
+    """What an lr scheduler (or user code) does: edit param_groups between steps. The AdamW part follows
+    the lr relative to the lr the group was created with: its lr is adamw_lr · lr / LR (the reference
+    takes adamw_lr as the AdamW lr itself, so it is given that product)."""
     model = make_model()
-    batch = make_batch()
     init = snapshot(model)
     groups, names = reference_groups(model, model.parameters())
-    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, rank=3, oversample=15)
+    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, rank=3, oversample=15, adamw_lr=LR)
     ref = ReferenceLiMuon(groups, **kw)
-    grad_fn = make_grad_fn(model, batch, names)
     opt = limuon.LiMuon(model.parameters(), **kw)
-    closure = make_closure(model, batch)
     changes = {2: {"lr": 0.02, "weight_decay": 0.3}, 3: {"momentum": 0.8, "adamw_lr": 0.003, "gamma": 0.3}}
     for k in range(5):
         for key, value in changes.get(k, {}).items():
             opt.param_groups[0][key] = ref.groups[0][key] = value
+        ours = opt.param_groups[0]
+        ref.groups[0]["adamw_lr"] = ours["adamw_lr"] * ours["lr"] / LR
+        closure, grad_fn = step_problem(model, names, k)
         opt.step(closure)
         ref.step(grad_fn)
     check(model, ref, names, init, RTOL[mode], mode)
@@ -229,15 +258,14 @@ def test_intermittent_gradient(mode, rank):
     there, starts its momentum at step 1 while h1 already has one, and in exact mode its previous
     iterate after a skipped step is its current value."""
     model = make_model()
-    batch = make_batch()
     init = snapshot(model)
     groups, names = reference_groups(model, model.parameters())
-    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, orthogonalizer="svd", rank=rank, oversample=15)
+    kw = dict(lr=LR, momentum=0.9, variance_reduction=mode, orthogonalizer="svd", rank=rank, oversample=15,
+              adamw_lr=LR)
     ref = ReferenceLiMuon(groups, **kw)
-    grad_fn = make_grad_fn(model, batch, names)
     opt = limuon.LiMuon(model.parameters(), **kw)
-    closure = make_closure(model, batch)
     for k in range(5):
+        closure, grad_fn = step_problem(model, names, k)
         model.skip_h2 = grad_fn.model.skip_h2 = k in (0, 2)
         opt.step(closure)
         ref.step(grad_fn)
@@ -247,7 +275,7 @@ def test_intermittent_gradient(mode, rank):
 def test_adamw_group_matches_torch_adamw():
     """Every param in an algorithm="adamw" group (exact mode: one update per step, from the gradient
     of the first closure call) follows torch.optim.AdamW."""
-    kw = dict(lr=0.01, weight_decay=0.2, adamw_betas=(0.8, 0.99), adamw_eps=1e-6)
+    kw = dict(lr=0.01, weight_decay=0.2, adamw_lr=0.01, adamw_betas=(0.8, 0.99), adamw_eps=1e-6)
     model_a, model_b = make_model(), make_model()
     init = snapshot(model_a)
     batch = make_batch()
@@ -263,11 +291,12 @@ def test_adamw_group_matches_torch_adamw():
 
 
 def test_adamw_hyperparameters_fall_back_to_group_values():
-    """adamw_lr=None → the group's lr; adamw_weight_decay=None → weight_decay; vectors get AdamW."""
+    """adamw_lr=None with adjust_lr_fn="match_rms_adamw" (the only setting that allows it) → the group's
+    lr; adamw_weight_decay=None → weight_decay; vectors get AdamW."""
     params = [torch.nn.Parameter(t) for t in random_init()]
     vecs = [p for p in params if p.ndim < 2]
     twin = [torch.nn.Parameter(p.detach().clone()) for p in vecs]
-    opt = limuon.LiMuon(params, lr=0.03, weight_decay=0.3, variance_reduction="none")
+    opt = limuon.LiMuon(params, lr=0.03, weight_decay=0.3, variance_reduction="none", adjust_lr_fn="match_rms_adamw")
     ref = torch.optim.AdamW(twin, lr=0.03, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.3)
     for t in range(3):
         for p, g in zip(params, random_grads(t)):
@@ -287,7 +316,7 @@ def test_adamw_part_equals_torch_adamw(cls, dtype, impl, monkeypatch):
     """The AdamW-routed parameters (an embedding-like matrix in an adamw group, and vectors) take
     exactly torch.optim.AdamW(fused=True)'s steps, also under a learning-rate schedule; without a
     fused kernel for the device, the foreach fallback matches torch.optim.AdamW(foreach=True)."""
-    import limuon._common as common
+    import limuon._adamw as common
 
     if impl == "foreach":
         monkeypatch.setattr(common, "_FUSED_ADAMW_DEVICES", ())
@@ -330,7 +359,7 @@ def test_adamw_part_on_strided_params_and_grads(cls):
     ours = [view, conv, vec]
     theirs = [torch.nn.Parameter(p.detach().clone().contiguous()) for p in ours]
     untouched = base[:, 1::2].clone()
-    opt = cls([{"params": ours, "algorithm": "adamw"}], lr=0.01, adamw_weight_decay=0.1)
+    opt = cls([{"params": ours, "algorithm": "adamw"}], lr=0.01, adamw_lr=0.01, adamw_weight_decay=0.1)
     ref = torch.optim.AdamW(theirs, lr=0.01, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
     for _ in range(3):
         grads = [torch.randn(p.shape, generator=gen) for p in ours[:2]]
@@ -347,7 +376,7 @@ def test_adamw_part_on_strided_params_and_grads(cls):
 def test_adamw_step_stored_as_a_plain_number():
     # Checkpoints of torch < 1.12 keep AdamW's "step" as a Python number.
     p = torch.nn.Parameter(torch.randn(5))
-    opt = limuon.LiMuon([p], lr=0.01, variance_reduction="approx")
+    opt = limuon.LiMuon([p], lr=0.01, adamw_lr=0.01, variance_reduction="approx")
     p.grad = torch.ones(5)
     opt.step()
     state = opt.state_dict()
@@ -368,7 +397,7 @@ def test_closure_calls_and_returned_loss(mode):
     batch = make_batch()
     calls = [0]
     closure = make_closure(model, batch, calls)
-    opt = limuon.LiMuon(model.parameters(), lr=LR, variance_reduction=mode)
+    opt = limuon.LiMuon(model.parameters(), lr=LR, variance_reduction=mode, adamw_lr=LR)
     x, img, y = batch
     for k in range(3):
         with torch.no_grad():
@@ -386,7 +415,7 @@ def test_step_without_closure(mode):
     params = [torch.nn.Parameter(t) for t in random_init()]
     init = [p.detach().clone() for p in params]
     ref_params = [p.detach().double() for p in params]
-    kw = dict(lr=LR, variance_reduction=mode, orthogonalizer="svd", rank=2, oversample=1)
+    kw = dict(lr=LR, variance_reduction=mode, orthogonalizer="svd", rank=2, oversample=1, adamw_lr=LR)
     opt = limuon.LiMuon(params, **kw)
     ref = ReferenceLiMuon(ref_params, **kw)
     for t in range(4):
@@ -401,15 +430,15 @@ def test_step_without_closure(mode):
 
 
 def test_exact_mode_last_update_is_bf16_previous_step():
+    """exact_restore="all" (the default): every parameter, the AdamW-routed ones included, keeps
+    bf16(W_{k-1} − W_k) of its last step."""
     model = make_model()
     closure = make_closure(model, make_batch())
-    opt = limuon.LiMuon(model.parameters(), lr=LR, variance_reduction="exact")
+    opt = limuon.LiMuon(model.parameters(), lr=LR, variance_reduction="exact", adamw_lr=LR)
     for _ in range(3):
         prev = snapshot(model)
         opt.step(closure)
         for name, p in model.named_parameters():
-            if p.ndim < 2:
-                continue
             lu = opt.state[p]["last_update"]
             assert lu.dtype == torch.bfloat16, f"{name}: last_update is {lu.dtype}"
             assert lu.numel() == p.numel()
@@ -421,10 +450,11 @@ def test_exact_mode_last_update_is_bf16_previous_step():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rank", [None, 2])
 def test_persistent_state_size(mode, rank):
-    """ALGORITHM.md §5: mn words for Option #1, r(m+n+1) for Option #2, plus the bf16 restore buffer
-    (mn) in exact mode; AdamW params 2·numel."""
+    """ALGORITHM.md §5: mn words for Option #1, r(m+n+1) for Option #2; AdamW params 2·numel; plus, in
+    exact mode only, the bf16 restore buffer (numel, 2 bytes each) of every parameter (exact_restore="all":
+    the AdamW-routed ones too)."""
     model = make_model()
-    opt = limuon.LiMuon(model.parameters(), lr=LR, variance_reduction=mode, rank=rank)
+    opt = limuon.LiMuon(model.parameters(), lr=LR, variance_reduction=mode, rank=rank, adamw_lr=LR)
     closure = make_closure(model, make_batch())
     for _ in range(2):
         opt.step(closure)
@@ -437,8 +467,11 @@ def test_persistent_state_size(mode, rank):
         else:
             m, n = p.shape[0], p[0].numel()
             limit = rank * (m + n + 1) if rank is not None and rank < min(m, n) else m * n
-            if mode == "exact":
-                assert "last_update" in big and big["last_update"].numel() == m * n, name
+        if mode == "exact":
+            lu = big.get("last_update")
+            assert lu is not None and lu.numel() == p.numel() and lu.dtype == torch.bfloat16, name
+        else:
+            assert "last_update" not in state, f"{name}: a restore buffer outside exact mode"
         assert words <= limit, f"{name}: {words} state words, expected at most {limit}: {list(big)}"
 
 
@@ -447,10 +480,11 @@ def test_persistent_state_size(mode, rank):
 
 @pytest.mark.parametrize("mode", ["approx", "none"])
 def test_ns_compute_dtype(mode):
-    """Default on CPU: fp32 Newton–Schulz (≤ 2e-3 from fp64). ns_compute_dtype=bf16: the bf16 error
+    """ns_compute_dtype=None: the process default (set_ns_compute_dtype, fp32 here: see _fp32_newton_schulz),
+    ≤ 2e-3 from fp64 (the CPU's own default is tested in test_ns_dtype.py). ns_compute_dtype=bf16: the bf16 error
     (measured 1–4e-2 per step on these well-conditioned gradients), well above fp32's and well below
     what a wrong update would give (≥ 0.3)."""
-    kw = dict(lr=LR, variance_reduction=mode)
+    kw = dict(lr=LR, variance_reduction=mode, adamw_lr=LR)
     ref = ReferenceLiMuon([p.double() for p in random_init()], **kw)
     init = [p.clone() for p in ref.params]
     runs = {}
@@ -502,14 +536,19 @@ class _RestoredWrongWay(ReferenceLiMuon):
         return [2 * p - q for p, q in zip(self.params, super()._previous_iterate())]
 
 
+class _MatricesOnlyMovedBack(ReferenceLiMuon):
+    # exact_restore="all" ignored: the second gradient sees the AdamW-routed parameters at W_k.
+    def _moves_back(self, i):
+        return self.is_matrix(i) and self.group_of[i]["variance_reduction"] == "exact"
+
+
 def _reference_run(cls, kw, steps=4, **ref_kw):
     model = make_model()
     init = snapshot(model)
     groups, names = reference_groups(model, model.parameters())
     ref = cls(groups, **kw, **ref_kw)
-    grad_fn = make_grad_fn(model, make_batch(), names)
-    for _ in range(steps):
-        ref.step(grad_fn)
+    for k in range(steps):
+        ref.step(step_problem(model, names, k)[1])
     return ref, names, init
 
 
@@ -521,7 +560,7 @@ def _max_gap(a, b, names, init):
 def test_tolerances_discriminate(option):
     """Reference against reference (no optimizer involved): the restore rules differ by well under
     RTOL_EXACT, and every broken exact-mode recursion lands well outside it."""
-    kw = dict(lr=LR, momentum=0.9, variance_reduction="exact", orthogonalizer="svd")
+    kw = dict(lr=LR, momentum=0.9, variance_reduction="exact", orthogonalizer="svd", adamw_lr=LR)
     if option == "lowrank":
         kw.update(TRUNCATED)
     good, names, init = _reference_run(ReferenceLiMuon, kw)
@@ -533,6 +572,7 @@ def test_tolerances_discriminate(option):
         _OldGradientAtCurrentPoint,
         _SkippedCorrection,
         _RestoredWrongWay,
+        _MatricesOnlyMovedBack,
     ):
         bad, *_ = _reference_run(cls, kw)
         assert _max_gap(bad, good, names, init) >= 3 * RTOL_EXACT, cls.__name__
@@ -546,7 +586,7 @@ def test_tolerances_discriminate(option):
 def test_training_reduces_loss(mode, rank):
     model = make_model()
     closure = make_closure(model, make_batch())
-    opt = limuon.LiMuon(model.parameters(), lr=0.02, variance_reduction=mode, rank=rank)
+    opt = limuon.LiMuon(model.parameters(), lr=0.02, variance_reduction=mode, rank=rank, adamw_lr=0.02)
     first = float(closure())
     for _ in range(25):
         opt.step(closure)

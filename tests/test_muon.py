@@ -5,7 +5,8 @@ round in a different order disagree by 1–3e-2 of the update (measured: the ker
 torch's, on the well-conditioned gradients used here), so ``RTOL_BF16 = 5e-2`` of the displacement.
 What it must catch is far larger: nesterov off moves the result by 0.4, wd off by 0.15, the other lr
 adjustment by 1.2, one Newton–Schulz step less by 0.3 (``test_bf16_tolerance_discriminates``).
-limuon.Muon's default fp32 Newton–Schulz is checked tightly against the fp64 reference instead.
+limuon.Muon's fp32 Newton–Schulz (pinned by ``_fp32_newton_schulz``: a CPU with bf16 matrix instructions
+defaults to bf16) is checked tightly against the fp64 reference instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from optim_helpers import (
 from torch import nn
 
 import limuon
+import limuon_kernels as lk
 
 RTOL_BF16 = 5e-2
 RTOL_FP32 = 2e-3
@@ -37,6 +39,12 @@ RTOL_ADAMW = 1e-4  # both fp32, same formula: only the order of fp32 roundings d
 STEPS = 4
 MATS = [i for i, s in enumerate(RANDOM_SHAPES) if len(s) >= 2]
 VECS = [i for i, s in enumerate(RANDOM_SHAPES) if len(s) < 2]
+
+
+@pytest.fixture(autouse=True)
+def _fp32_newton_schulz():
+    """ns_compute_dtype=None means fp32 in these tests, whatever this CPU's default (conftest restores it)."""
+    lk.set_ns_compute_dtype("cpu", torch.float32)
 
 
 def run_limuon_muon(steps: int = STEPS, groups=None, **kw) -> list[torch.Tensor]:
@@ -87,7 +95,8 @@ TORCH_VARIANTS = {
 def test_matches_torch_muon(variant, compute):
     kw = TORCH_VARIANTS[variant]
     extra = {"ns_compute_dtype": torch.bfloat16} if compute == "bf16" else {}
-    got = run_limuon_muon(**kw, **extra)
+    # (the vectors' AdamW lr: only the matrices are compared here)
+    got = run_limuon_muon(**kw, **extra, adamw_lr=kw["lr"])
     want = run_torch(**kw)
     errs = rel_err(got, want, MATS)
     assert max(errs.values()) <= RTOL_BF16, errs
@@ -114,21 +123,24 @@ def test_bf16_tolerance_discriminates(mutation):
 
 
 def test_ns_compute_dtype():
-    """Default on CPU: fp32 Newton–Schulz, within RTOL_FP32 of the fp64 reference; bf16 when asked,
-    which shows as an error of the bf16 size (≥ 1e-3, fp32 gives ~1e-5) but no larger."""
+    """ns_compute_dtype=None: the process default (fp32 here, see _fp32_newton_schulz), within RTOL_FP32
+    of the fp64 reference; bf16 when asked, which shows as an error of the bf16 size (≥ 1e-3, fp32 gives
+    ~1e-5) but no larger."""
     ref = ReferenceMuon([t.double() for t in random_init()], lr=0.02)
     for t in range(STEPS):
         ref.step(lambda _, t=t: (None, [g.double() for g in random_grads(t)]))
-    err32 = rel_err(run_limuon_muon(lr=0.02), ref.params, MATS)
-    err16 = rel_err(run_limuon_muon(lr=0.02, ns_compute_dtype=torch.bfloat16), ref.params, MATS)
+    err32 = rel_err(run_limuon_muon(lr=0.02, adamw_lr=0.02), ref.params, MATS)
+    err16 = rel_err(run_limuon_muon(lr=0.02, adamw_lr=0.02, ns_compute_dtype=torch.bfloat16), ref.params, MATS)
     assert max(err32.values()) <= RTOL_FP32, err32
     assert min(err16.values()) >= 1e-3 and max(err16.values()) <= RTOL_BF16, err16
 
 
 def test_adamw_fallback_matches_torch_adamw():
-    """ndim < 2 params get torch.optim.AdamW with lr/weight_decay of the group (adamw_* unset)."""
-    got = run_limuon_muon(lr=0.02, weight_decay=0.2, ns_compute_dtype=torch.bfloat16)
-    want = run_torch(lr=0.02, weight_decay=0.2, adamw_kw=dict(lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.2))
+    """ndim < 2 params get torch.optim.AdamW with lr/weight_decay of the group (adamw_* unset; adamw_lr
+    may be unset only with adjust_lr_fn="match_rms_adamw", the matrix lr scaled to AdamW's)."""
+    kw = dict(lr=0.02, weight_decay=0.2, adjust_lr_fn="match_rms_adamw")
+    got = run_limuon_muon(**kw, ns_compute_dtype=torch.bfloat16)
+    want = run_torch(**kw, adamw_kw=dict(lr=0.02, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.2))
     assert max(rel_err(got, want, VECS).values()) <= RTOL_ADAMW
     assert max(rel_err(got, want, MATS).values()) <= RTOL_BF16
 
@@ -160,13 +172,13 @@ def test_adamw_group_and_adamw_hyperparameters():
     assert max(rel_err(got, want, [i for i in MATS if i not in adamw_idx]).values()) <= RTOL_BF16
 
 
-# -- fp32 Newton–Schulz (the CPU default) against the fp64 reference, on SmallNet ----------------
+# -- fp32 Newton–Schulz against the fp64 reference, on SmallNet ------------------------------------
 
 REF_VARIANTS = {
-    "defaults": dict(lr=0.05),
-    "no_nesterov_mu0.9": dict(lr=0.05, nesterov=False, momentum=0.9),
+    "defaults": dict(lr=0.05, adamw_lr=0.05),
+    "no_nesterov_mu0.9": dict(lr=0.05, nesterov=False, momentum=0.9, adamw_lr=0.05),
     "match_rms_adamw": dict(lr=0.02, adjust_lr_fn="match_rms_adamw", weight_decay=0.3, adamw_lr=0.01),
-    "adamw_args": dict(lr=0.05, adamw_betas=(0.8, 0.99), adamw_eps=1e-6, adamw_weight_decay=0.0),
+    "adamw_args": dict(lr=0.05, adamw_lr=0.05, adamw_betas=(0.8, 0.99), adamw_eps=1e-6, adamw_weight_decay=0.0),
 }
 
 
@@ -205,14 +217,14 @@ def test_param_groups_against_reference():
             },
         ]
 
-    model, _, ref, names, init = run_smallnet(dict(lr=0.05), groups=groups)
+    model, _, ref, names, init = run_smallnet(dict(lr=0.05, adamw_lr=0.05), groups=groups)
     assert_trajectory_close(model, ref.params, names, init, RTOL_FP32, "groups")
 
 
 def test_param_without_grad_is_skipped():
     model = make_model(with_unused=True)
     before = model.unused.detach().clone()
-    model, opt, ref, names, init = run_smallnet(dict(lr=0.05), model=model, steps=2)
+    model, opt, ref, names, init = run_smallnet(dict(lr=0.05, adamw_lr=0.05), model=model, steps=2)
     assert_trajectory_close(model, ref.params, names, init, RTOL_FP32, "unused")
     assert torch.equal(model.unused.detach(), before)
     assert len(opt.state.get(model.unused, {})) == 0
@@ -221,7 +233,7 @@ def test_param_without_grad_is_skipped():
 def test_training_reduces_loss():
     model = make_model()
     closure = make_closure(model, make_batch())
-    opt = limuon.Muon(model.parameters(), lr=0.02)
+    opt = limuon.Muon(model.parameters(), lr=0.02, adamw_lr=0.02)
     first = float(closure())
     for _ in range(25):
         opt.step(closure)

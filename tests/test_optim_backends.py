@@ -16,6 +16,13 @@ import limuon
 import limuon_kernels as lk
 
 
+@pytest.fixture(autouse=True)
+def _fp32_newton_schulz():
+    """fp32 Newton–Schulz on every backend, whatever this CPU's default (bf16 where it has bf16 matrix
+    instructions: two bf16 implementations differ by 1e-2 or more); conftest restores the default."""
+    lk.set_ns_compute_dtype("cpu", torch.float32)
+
+
 def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -28,15 +35,17 @@ def _train(make_opt, backend: str, steps: int = 3) -> list[torch.Tensor]:
     model = _model()
     opt = make_opt(model.parameters())
     gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(32, 12, generator=gen), torch.randn(32, 5, generator=gen)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
-
     for _ in range(steps):
+        # A new batch every step (the same for both closure calls of an exact step): with one fixed
+        # batch exact mode's correction M_{k-1} − g(W_{k-1}) would be zero up to bf16 rounding.
+        x, y = torch.randn(32, 12, generator=gen), torch.randn(32, 5, generator=gen)
+
+        def closure(x=x, y=y):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+
         opt.step(closure)
     return [p.detach().clone() for p in model.parameters()]
 
@@ -45,13 +54,13 @@ CASES = {
     **{
         f"limuon-{mode}-{option}": (
             lambda params, mode=mode, rank=rank: limuon.LiMuon(
-                params, lr=0.02, variance_reduction=mode, rank=rank, oversample=20
+                params, lr=0.02, variance_reduction=mode, rank=rank, oversample=20, adamw_lr=0.02
             )
         )
         for mode in ("exact", "approx", "none")
         for option, rank in (("option1", None), ("option2", 4))
     },
-    "muon": lambda params: limuon.Muon(params, lr=0.02),
+    "muon": lambda params: limuon.Muon(params, lr=0.02, adamw_lr=0.02),
 }
 
 

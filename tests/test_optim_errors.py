@@ -101,24 +101,64 @@ def test_muon_rejects_bad_hyperparameter(name, value):
     _check_message(info.value, name, value)
 
 
-def test_exact_mode_without_closure():
-    # The first exact step needs only g_0 (M_0 = g_0), so it may use .grad without a closure
-    # (torch.distributed.checkpoint initialises state that way); from the second step on the
-    # gradient at the previous iterate is needed, and a missing closure fails with nothing changed.
+@pytest.mark.parametrize("cls", [limuon.LiMuon, limuon.Muon], ids=lambda c: c.__name__)
+def test_adamw_lr_required_for_adamw_routed_params(cls):
+    """adamw_lr has no default where a group routes parameters to AdamW (a matrix lr such as 0.02 is far
+    too large for AdamW), unless adjust_lr_fn="match_rms_adamw" scales the matrix lr to AdamW's. It is
+    checked after the other hyperparameters, and again before every step."""
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 1 \(shape \(6,\)\) goes to AdamW "
+                                         r"\(it has ndim < 2\).*adamw_lr=.*match_rms_adamw"):
+        cls(_params())
+    matrix = nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 2 \(shape \(4, 6\)\) goes to AdamW "
+                                         r"\(the group has algorithm='adamw'\)"):
+        cls([{"params": _params(), "adamw_lr": 1e-3}, {"params": [matrix], "algorithm": "adamw"}])
+    with pytest.raises(ValueError, match=r"Invalid lr: -1\.0"):
+        cls(_params(), lr=-1.0)
+    cls(_params(), adjust_lr_fn="match_rms_adamw")  # lr serves both
+    opt = cls(_params()[:1])  # only a matrix: nothing goes to AdamW
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 1 \(shape \(6,\)\)"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(6))]})
+    assert len(opt.param_groups) == 1
+
     params = _params()
-    opt = limuon.LiMuon(params, variance_reduction="exact")
+    opt = cls(params, adamw_lr=1e-3)
+    opt.param_groups[0]["adamw_lr"] = None
     for p in params:
         p.grad = torch.ones_like(p)
-    initial = [p.detach().clone() for p in params]
-    opt.step()
-    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, initial))
     before = [p.detach().clone() for p in params]
-    state_before = copy.deepcopy(opt.state_dict())
-    with pytest.raises(Exception, match=r"closure") as info:
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None"):
         opt.step()
-    assert "approx" in str(info.value)
-    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
-    assert _equal_nested(opt.state_dict(), state_before)
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)) and not opt.state
+
+
+def test_exact_mode_without_closure():
+    # Exact mode needs step(closure) from the first step on (only a step with lr = 0 in every exact
+    # group and no state yet may go without: tests/test_exact_restore.py). A missing closure fails
+    # with nothing changed, on the first step as on a later one; the message names the way out.
+    params = _params()
+    opt = limuon.LiMuon(params, variance_reduction="exact", adamw_lr=1e-3)
+
+    def closure():
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            loss = sum((p * p).sum() for p in params)
+            loss.backward()
+        return loss.detach()
+
+    for step in range(2):
+        closure()  # gradients in .grad, as a loop that forgot to pass the closure would leave them
+        before = [p.detach().clone() for p in params]
+        state_before = copy.deepcopy(opt.state_dict())
+        with pytest.raises(RuntimeError, match=r"closure") as info:
+            opt.step()
+        assert "approx" in str(info.value)
+        assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)), f"step {step}: params changed"
+        assert _equal_nested(opt.state_dict(), state_before), f"step {step}: state changed"
+        assert step > 0 or not opt.state
+        opt.step(closure)
+        assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
 # -- non-finite gradients -------------------------------------------------------------------------
@@ -165,10 +205,10 @@ def test_non_finite_gradient_changes_nothing(optimizer, target, value):
     model = make_model()
     assert [n for n, _ in model.named_parameters()].index(name) == index
     if optimizer == "muon":
-        opt = limuon.Muon(model.parameters(), lr=0.05)
+        opt = limuon.Muon(model.parameters(), lr=0.05, adamw_lr=0.05)
     else:
         mode = optimizer.split("-")[1]
-        opt = limuon.LiMuon(model.parameters(), lr=0.05, variance_reduction=mode, rank=3)
+        opt = limuon.LiMuon(model.parameters(), lr=0.05, variance_reduction=mode, rank=3, adamw_lr=0.05)
     closure = make_closure(model, make_batch())
     for _ in range(2):
         opt.step(closure)
@@ -190,7 +230,7 @@ def test_huge_finite_gradients_are_not_refused(cls, dtype):
     params = [torch.nn.Parameter(torch.randn(4, 6).to(dtype)), torch.nn.Parameter(torch.randn(6).to(dtype))]
     for p in params:
         p.grad = torch.full_like(p, big)
-    opt = cls(params, lr=0.01, **({"variance_reduction": "approx"} if cls is limuon.LiMuon else {}))
+    opt = cls(params, lr=0.01, adamw_lr=0.01, **({"variance_reduction": "approx"} if cls is limuon.LiMuon else {}))
     opt.step()  # no NonFiniteGradientError (what the update makes of such values is another matter)
     assert len(opt.state) == len(params)  # both parameters were stepped
 
@@ -203,7 +243,8 @@ def test_non_finite_only_at_previous_iterate(rank):
     model = make_model()
     init = snapshot(model)
     batch = make_batch()
-    kw = dict(lr=0.05, momentum=0.9, variance_reduction="exact", orthogonalizer="svd", rank=rank, oversample=15)
+    kw = dict(lr=0.05, momentum=0.9, variance_reduction="exact", orthogonalizer="svd", rank=rank, oversample=15,
+              adamw_lr=0.05)
     opt = limuon.LiMuon(model.parameters(), **kw)
     ref_groups, names = reference_groups(model, model.parameters())
     ref = ReferenceLiMuon(ref_groups, **kw)
@@ -256,6 +297,7 @@ def test_complex_rejected(optimizer, shape):
     p = nn.Parameter(torch.randn(*shape, dtype=torch.complex64))
     cls = limuon.LiMuon if optimizer == "limuon" else limuon.Muon
     kw = {"variance_reduction": "approx"} if optimizer == "limuon" else {}
+    kw["adamw_lr"] = 1e-3  # (required for the vector: without it that error would come first)
     with pytest.raises((RuntimeError, ValueError, TypeError), match=r"(?i)complex"):
         opt = cls([p], **kw)
         p.grad = torch.ones_like(p)

@@ -31,7 +31,7 @@ def _closure(model, opt):
 
 def test_storm_update_runs_once_per_bucket(monkeypatch):
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01)
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, adamw_lr=0.01, variance_reduction="exact")
     calls = []
     real = lk.storm_update_
     monkeypatch.setattr(lk, "storm_update_", lambda m, *a: calls.append(tuple(m.shape)) or real(m, *a))
@@ -46,7 +46,7 @@ def test_storm_update_runs_once_per_bucket(monkeypatch):
 def test_bucket_state_is_one_stacked_tensor_also_after_resume(opt_cls):
     model = _model()
     kwargs = {"variance_reduction": "approx"} if opt_cls is limuon.LiMuon else {}
-    opt = opt_cls(model.parameters(), lr=0.01, **kwargs)
+    opt = opt_cls(model.parameters(), lr=0.01, adamw_lr=0.01, **kwargs)
     closure = _closure(model, opt)
     opt.step(closure)
     opt.step(closure)
@@ -56,7 +56,7 @@ def test_bucket_state_is_one_stacked_tensor_also_after_resume(opt_cls):
         return {o.state[p]["momentum_buffer"].untyped_storage().data_ptr() for p in square}
 
     assert len(storages(opt)) == 1
-    fresh = opt_cls(model.parameters(), lr=0.01, **kwargs)
+    fresh = opt_cls(model.parameters(), lr=0.01, adamw_lr=0.01, **kwargs)
     fresh.load_state_dict(opt.state_dict())  # without a save/load the tensors are the old optimizer's
     fresh.step(_closure(model, fresh))
     assert len(storages(fresh)) == 1
@@ -66,7 +66,7 @@ def test_bucket_state_is_one_stacked_tensor_also_after_resume(opt_cls):
 def _lowrank_run(**group_extra) -> list[torch.Tensor]:
     model = _model()
     opt = limuon.LiMuon([{"params": model.parameters(), **group_extra}], lr=0.01, rank=2, oversample=1,
-                        variance_reduction="none")
+                        variance_reduction="none", adamw_lr=0.01)
     closure = _closure(model, opt)
     for _ in range(3):
         opt.step(closure)
@@ -78,7 +78,8 @@ def test_seed_is_a_per_group_setting():
     other = _lowrank_run(seed=3)
     assert any(not torch.equal(a, b) for a, b in zip(base, other)), "the group seed must change the sketch"
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01, rank=2, oversample=1, variance_reduction="none", seed=3)
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, rank=2, oversample=1, variance_reduction="none", seed=3,
+                        adamw_lr=0.01)
     closure = _closure(model, opt)
     for _ in range(3):
         opt.step(closure)
@@ -87,7 +88,7 @@ def test_seed_is_a_per_group_setting():
 
 def test_changing_rank_between_steps_converts_the_state_and_frees_the_old_one():
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01, variance_reduction="none")
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, variance_reduction="none", adamw_lr=0.01)
     closure = _closure(model, opt)
     square = [model[i].weight for i in (1, 2, 3)]
     opt.step(closure)
@@ -105,7 +106,7 @@ def test_changing_rank_between_steps_converts_the_state_and_frees_the_old_one():
 def test_exact_mode_second_call_sees_the_same_random_draws():
     # Dropout masks (any torch RNG use) must repeat in the second closure call: the same sample ξ.
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01)
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, adamw_lr=0.01, variance_reduction="exact")
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
     draws = []
 
@@ -126,7 +127,7 @@ def test_exact_mode_second_call_sees_the_same_random_draws():
 
 def test_backend_failure_changes_nothing(monkeypatch):
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01, variance_reduction="approx")
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, adamw_lr=0.01, variance_reduction="approx")
     closure = _closure(model, opt)
     opt.step(closure)
     before = [p.detach().clone() for p in model.parameters()]
@@ -145,7 +146,7 @@ def test_backend_failure_changes_nothing(monkeypatch):
 
 def test_rank_change_with_a_skipping_matrix_keeps_working():
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01, rank=2, variance_reduction="none")
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, rank=2, variance_reduction="none", adamw_lr=0.01)
     closure = _closure(model, opt)
     opt.step(closure)
     opt.param_groups[0]["rank"] = 3
@@ -170,13 +171,15 @@ def test_scheduler_scales_adamw_lr_too():
 
 def test_leaving_exact_mode_drops_the_restore_buffer_and_adamw_groups_need_no_closure():
     model = _model()
-    opt = limuon.LiMuon(model.parameters(), lr=0.01)
+    opt = limuon.LiMuon(model.parameters(), lr=0.01, adamw_lr=0.01, variance_reduction="exact")
     opt.step(_closure(model, opt))
-    assert "last_update" in opt.state[model[1].weight]
+    # exact_restore="all": the AdamW-routed bias keeps one too
+    assert "last_update" in opt.state[model[1].weight] and "last_update" in opt.state[model[1].bias]
     opt.param_groups[0]["variance_reduction"] = "approx"
     opt.step(_closure(model, opt))
     assert all("last_update" not in st for st in opt.state.values())
-    only_adamw = limuon.LiMuon([{"params": model[4].parameters(), "algorithm": "adamw"}], lr=0.01)
+    only_adamw = limuon.LiMuon([{"params": model[4].parameters(), "algorithm": "adamw"}], lr=0.01, adamw_lr=0.01,
+                               variance_reduction="exact")
     model.zero_grad()
     model(torch.randn(3, 8)).sum().backward()
-    only_adamw.step()  # exact is the default, but there is no matrix to run it on
+    only_adamw.step()  # exact mode, but there is no matrix to run it on

@@ -58,19 +58,22 @@ def _assert_same(model_a, model_b, opt_b):
 def test_limuon_resume_is_bitwise(mode, rank, orthogonalizer, grouped):
     def make_opt(params):
         return limuon.LiMuon(
-            params, lr=0.05, variance_reduction=mode, rank=rank, power_iters=1, seed=11, orthogonalizer=orthogonalizer
+            params, lr=0.05, variance_reduction=mode, rank=rank, power_iters=1, seed=11, orthogonalizer=orthogonalizer,
+            adamw_lr=0.05,
         )
 
     straight, _ = _run(make_opt, grouped, total=5, resume_at=None)
     resumed, opt = _run(make_opt, grouped, total=5, resume_at=3)
     _assert_same(straight, resumed, opt)
+    if mode == "exact":  # exact_restore="all": every parameter, AdamW-routed ones too, kept its restore buffer
+        assert all("last_update" in opt.state[p] for p in resumed.parameters())
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["one_group", "groups"])
 @pytest.mark.parametrize("ns_compute_dtype", [None, torch.bfloat16], ids=["default", "bf16"])
 def test_muon_resume_is_bitwise(ns_compute_dtype, grouped):
     def make_opt(params):
-        return limuon.Muon(params, lr=0.05, ns_compute_dtype=ns_compute_dtype)
+        return limuon.Muon(params, lr=0.05, adamw_lr=0.05, ns_compute_dtype=ns_compute_dtype)
 
     straight, _ = _run(make_opt, grouped, total=5, resume_at=None)
     resumed, opt = _run(make_opt, grouped, total=5, resume_at=3)

@@ -44,6 +44,8 @@ DIST_INFO = f"limuon_kernels-{VERSION}.dist-info/"
 TORCH_PUBLIC = str(torch.__version__).split("+", 1)[0]
 BIN = "Scripts" if os.name == "nt" else "bin"
 EXT_SUFFIX = re.compile(r"^limuon_kernels/_C\.[^/]*(\.so|\.pyd)$")
+# Written next to _C by setup.py's build_ext: the torch _C is compiled against, read before importing _C.
+VERSION_FILE = "limuon_kernels/_C_torch_version.txt"
 
 
 def _env(**overrides: str | None) -> dict[str, str]:
@@ -292,9 +294,11 @@ def test_wheel_is_a_platform_wheel_with_the_packages_and_C_only(wheel, source):
 
     extension = [n for n in names if EXT_SUFFIX.match(n)]
     assert len(extension) == 1, names
+    with zipfile.ZipFile(wheel) as zf:
+        assert zf.read(VERSION_FILE).decode().strip() == str(torch.__version__)
     dist_info = {n for n in names if n.startswith(DIST_INFO)}
     assert {DIST_INFO + f for f in ("METADATA", "WHEEL", "RECORD")} <= dist_info
-    modules = set(names) - dist_info - set(extension)
+    modules = set(names) - dist_info - set(extension) - {VERSION_FILE}
     assert modules == _expected_modules(source)  # every module, limuon_kernels/triton/ included, and nothing else
     assert "limuon_kernels/triton/__init__.py" in modules
     for name in names:
@@ -321,14 +325,16 @@ def test_sdist_holds_what_the_build_needs_and_builds_the_same_wheel(sdist, sourc
     csrc = {p.relative_to(source).as_posix() for p in (source / "csrc").rglob("*") if p.is_file()}
     assert csrc and csrc <= names
     assert {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"} <= names
+    assert VERSION_FILE not in names  # written when a wheel is built, for the torch it is built against
     assert {f"python/{n}" if n.startswith("limuon/") else n for n in _expected_modules(source)} <= names
     for name in names:
         assert not re.match(r"(tests|bench|scripts|build|dist)(/|$)|.*(__pycache__|\.so$|\.pyc$)", name), name
     # The sdist is not tied to a torch; the wheel built from it is (fixture `wheel`, checked above).
     assert _torch_requirements(pkg_info) == ["torch>=2.9"]
     assert "requires-dist" in [f.lower() for f in pkg_info.get_all("Dynamic", [])]
-    # The wheel built from the sdist has the pure-Python wheel's files (built from the tree) plus _C.
-    compiled = {n for n in _wheel_names(wheel) if not EXT_SUFFIX.match(n)}
+    # The wheel built from the sdist has the pure-Python wheel's files (built from the tree) plus _C and its
+    # version file.
+    compiled = {n for n in _wheel_names(wheel) if not EXT_SUFFIX.match(n) and n != VERSION_FILE}
     assert compiled == set(_wheel_names(pure_wheel))
 
 
@@ -336,7 +342,7 @@ def test_sdist_holds_what_the_build_needs_and_builds_the_same_wheel(sdist, sourc
 def test_pure_python_wheel_is_universal_and_loosely_pinned(pure_wheel):
     (tag,) = _wheel_meta(pure_wheel, "WHEEL").get_all("Tag")
     assert tag == "py3-none-any"
-    assert not any(EXT_SUFFIX.match(n) for n in _wheel_names(pure_wheel))
+    assert not any(EXT_SUFFIX.match(n) or n == VERSION_FILE for n in _wheel_names(pure_wheel))
     assert _torch_requirements(_wheel_meta(pure_wheel, "METADATA")) == ["torch>=2.9"]
 
 
@@ -370,7 +376,7 @@ SMOKE = textwrap.dedent(
     x = torch.randn(128, 8)
     y = torch.sin(x[:, :1]) + 0.5 * x[:, 1:2]
     for kwargs in ({}, {"rank": 4}):
-        opt = limuon.LiMuon(model.parameters(), lr=0.02, **kwargs)
+        opt = limuon.LiMuon(model.parameters(), lr=0.02, adamw_lr=0.02, variance_reduction="exact", **kwargs)
 
         def closure():
             opt.zero_grad()
