@@ -134,3 +134,19 @@ def test_copying_an_optimizer_with_a_mesh_is_refused(cls, one_process_group):
     for copier in (copy.deepcopy, pickle.dumps):
         with pytest.raises(RuntimeError, match="distributed_mesh cannot be copied or pickled"):
             copier(opt)
+
+
+@pytest.mark.parametrize("cls", [limuon.LiMuon, limuon.Muon], ids=lambda c: c.__name__)
+def test_param_groups_hold_only_plain_values(cls):
+    """torch.distributed.checkpoint flattens param groups and refuses a ``torch.dtype``: the compute dtype
+    is kept by name, and still applied."""
+    params = [nn.Parameter(random_init()[i].clone()) for i in MATRICES]
+    opt = cls(params, lr=0.02, ns_compute_dtype=torch.bfloat16)
+    plain = (int, float, str, bool, type(None))
+    for group in opt.state_dict()["param_groups"]:
+        for key, value in group.items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            assert all(isinstance(v, plain) for v in values), f"{key}={value!r}"
+    assert opt.param_groups[0]["ns_compute_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="ns_compute_dtype"):
+        cls(params, lr=0.02, ns_compute_dtype=torch.int8)

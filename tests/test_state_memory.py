@@ -106,3 +106,30 @@ def test_skipping_matrices_keep_their_own_state_values():
     for p, q, o in zip(params, alone, opts):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(opt.state[p]["momentum_buffer"], o.state[q]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("name,make,per_matrix", CASES, ids=[c[0] for c in CASES])
+def test_batch_view_state_bytes_match_the_table(name, make, per_matrix):
+    """matrix_view="batch": four (4, 32, 32) expert weights are COUNT = 16 matrices of 32×32, each with the
+    table's state (the low-rank factors per expert), and one step counter per parameter, whichever
+    parameters skip steps."""
+    experts, params_count = 4, COUNT // 4
+    gen = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.randn(experts, M, N, generator=gen) * 0.1) for _ in range(params_count)]
+    opt = make([{"params": params, "matrix_view": "batch"}])
+    for _ in range(12):
+        skipped = set(torch.randperm(params_count, generator=gen)[:1].tolist())
+        grads = [torch.randn(experts, M, N, generator=gen) for _ in range(params_count)]
+
+        def closure(skipped=skipped, grads=grads):
+            for i, p in enumerate(params):
+                p.grad = None if i in skipped else grads[i].clone()
+            return torch.zeros(())
+
+        opt.step(closure)
+    counters = STEP_COUNTER if name.startswith("limuon") else 0
+    table = COUNT * (per_matrix - counters) + params_count * counters
+    held = distinct_storage_bytes(opt)
+    assert held == table, f"{name}: state keeps {held} bytes alive, the table says {table} ({held / table:.2f}x)"
+    state_dict = opt.state_dict()
+    assert saved_bytes(state_dict) <= saved_bytes(standalone(state_dict)), f"{name}: torch.save writes extra storage"

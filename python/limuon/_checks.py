@@ -9,10 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from limuon_kernels import NS_METHODS
 from limuon_kernels.ns_coefficients import resolve_coefficients
 
 ADAMW = "adamw"
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
+#: how an N-D parameter is seen as matrices (see ``matrix_shape``)
+MATRIX_VIEWS = ("flatten", "batch")
 
 
 # -- hyperparameter checks ------------------------------------------------------------------------
@@ -75,17 +78,52 @@ def check_ns_group(group: dict) -> None:
     resolve_coefficients(group["ns_coefficients"], group["ns_steps"])
     check_number("eps", group["eps"], low=0.0)
     check_choice("adjust_lr_fn", group["adjust_lr_fn"], ADJUST_LR_FNS)
-    dtype = group.get("ns_compute_dtype")
-    if dtype is not None and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
-        raise ValueError(f"Invalid ns_compute_dtype: {dtype!r}; expected None or a float dtype")
+    ns_dtype_name(group.get("ns_compute_dtype"))
+    check_choice("ns_method", group.get("ns_method", "auto"), NS_METHODS)
+
+
+#: Newton–Schulz compute dtypes, kept in param groups by name: torch.distributed.checkpoint flattens
+#: param groups into plain values and refuses a ``torch.dtype``
+NS_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ns_dtype_name(dtype: Any) -> str | None:
+    """``ns_compute_dtype`` as stored in a group: ``None`` or the dtype's name (a ``torch.dtype`` or name given)."""
+    if dtype is None:
+        return None
+    for name, value in NS_DTYPES.items():
+        if dtype is value or dtype == name:
+            return name
+    raise ValueError(f"Invalid ns_compute_dtype: {dtype!r}; expected None or one of {tuple(NS_DTYPES.values())}")
+
+
+def ns_dtype(group: dict) -> torch.dtype | None:
+    """The group's Newton–Schulz compute dtype (``None``: the device default)."""
+    name = ns_dtype_name(group.get("ns_compute_dtype"))
+    return None if name is None else NS_DTYPES[name]
 
 
 # -- shapes and learning-rate scaling -------------------------------------------------------------
 
 
-def matrix_shape(p: Tensor) -> tuple[int, int]:
-    """The 2-D view an N-D parameter is orthogonalised as: ``(out, in·kh·kw)`` for a conv weight
-    (the global shape for a ``DTensor``)."""
+def check_matrix_view(group: dict) -> None:
+    """Validate the group's ``matrix_view`` (absent: ``"flatten"``, as in state dicts of older versions)."""
+    check_choice("matrix_view", group.get("matrix_view", "flatten"), MATRIX_VIEWS)
+
+
+def is_batched(p: Tensor, view: str) -> bool:
+    """Whether ``p`` is a stack of independent matrices: ``matrix_view="batch"`` and ndim ≥ 3 (a 2-D
+    parameter is one matrix in either view)."""
+    return view == "batch" and p.ndim >= 3
+
+
+def matrix_shape(p: Tensor, view: str = "flatten") -> tuple[int, int]:
+    """The ``(m, n)`` of each matrix that parameter ``p`` is orthogonalised as (global, for a ``DTensor``).
+
+    ``"flatten"``: ``p`` is one matrix ``(shape[0], numel / shape[0])``, e.g. ``(out, in·kh·kw)`` for a
+    conv weight. ``"batch"``: ``p: (..., m, n)`` is ``prod(shape[:-2])`` matrices ``m×n``."""
+    if is_batched(p, view):
+        return p.shape[-2], p.shape[-1]
     return p.shape[0], p.numel() // p.shape[0]
 
 

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 import limuon_kernels as lk
 from limuon._adamw import adamw_step
-from limuon._checks import ADAMW, check_adamw_group, check_choice, check_number
+from limuon._checks import ADAMW, check_adamw_group, check_choice, check_number, ns_dtype, ns_dtype_name
 from limuon._distributed import Distribution, adapt_to_param, check_dtensor_param, local, resolve_group, wrap_like
 from limuon._gradients import NonFiniteGradientError, check_gradients
 from limuon._stacks import PARAM_SHAPED_STATE, StackedStateMixin, is_inner_slice
@@ -40,6 +40,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         try:
             self._check_group(group)
             self._check_adamw_lr(group)
+            group["ns_compute_dtype"] = ns_dtype_name(group.get("ns_compute_dtype"))
             for j, p in enumerate(group["params"]):
                 self._check_param(group, first_index + j, p)
         except ValueError:
@@ -122,7 +123,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         if group.get("orthogonalizer") == "svd":
             return lk.orthogonalize_svd(X)
         return lk.newton_schulz(X, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-                                eps=group["eps"], compute_dtype=group["ns_compute_dtype"])
+                                eps=group["eps"], compute_dtype=ns_dtype(group), method=group.get("ns_method", "auto"))
 
     def _check_group(self, group: dict) -> None:
         check_choice("algorithm", group.get("algorithm"), (None, ADAMW, self._matrix_algorithm))
@@ -200,6 +201,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         for ours, theirs in zip(self.param_groups, groups):  # refused before anything changes
             self._check_group({**theirs, "params": ours["params"]})
             self._check_adamw_lr({**theirs, "params": ours["params"]})
+            theirs["ns_compute_dtype"] = ns_dtype_name(theirs.get("ns_compute_dtype"))
         return {**state_dict, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

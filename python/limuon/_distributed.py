@@ -50,6 +50,18 @@ def wrap_like(param: Tensor, local_tensor: Tensor) -> Tensor:
                               run_check=False, shape=param.shape, stride=param.stride())
 
 
+def wrap_rows(param: Tensor, local_tensor: Tensor) -> Tensor:
+    """``local_tensor`` (this rank's rows of a tensor whose dim 0 is ``param``'s, e.g. the low-rank factors
+    ``(E, m, r)`` of expert weights ``(E, m, n)``) as a ``DTensor`` sharded on dim 0 as ``param`` is;
+    ``local_tensor`` itself when ``param`` is a plain tensor. Shares its storage."""
+    if not is_dtensor(param):
+        return local_tensor
+    shape = torch.Size((param.shape[0], *local_tensor.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local_tensor, device_mesh=param.device_mesh, placements=param.placements,
+                              run_check=False, shape=shape, stride=stride)
+
+
 def resolve_group(distributed_mesh: Any) -> dist.ProcessGroup | None:
     """The process group a ``distributed_mesh`` argument names (``None``: no distribution)."""
     if distributed_mesh is None:
@@ -119,6 +131,33 @@ def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
         return value
     start, stop = local_rows(p)
     return wrap_like(p, value.reshape(p.shape)[start:stop].to(device=local(p).device).clone())
+
+
+def adapt_rows(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
+    """Loaded state ``value`` whose dim 0 indexes the matrices of a stacked parameter ``p`` (the low-rank
+    factors of ``matrix_view="batch"``), laid out as ``p`` is: a whole plain tensor for a ``DTensor``
+    parameter is cut to this rank's matrices; a ``DTensor`` saved for another mesh or sharding, or for
+    a plain parameter, is refused (before anything changes: all ranks see the same mismatch)."""
+    where = f"Invalid state_dict: state {key!r} of parameter {index} (shape {tuple(p.shape)})"
+    if value.ndim == 0 or value.shape[0] != p.shape[0]:
+        raise ValueError(f"{where} has shape {tuple(value.shape)}; its first dimension must be the parameter's")
+    if is_dtensor(value):
+        if not is_dtensor(p):
+            raise ValueError(
+                f"{where} is a DTensor (saved under FSDP2) but the parameter is a plain tensor; save a full state "
+                "dict (torch.distributed.checkpoint.state_dict, StateDictOptions(full_state_dict=True)) instead"
+            )
+        if value.device_mesh != p.device_mesh or value.placements != p.placements:
+            raise ValueError(
+                f"{where} was saved sharded over {value.device_mesh} as {value.placements}, the parameter is sharded "
+                f"over {p.device_mesh} as {p.placements}; a per-rank state dict loads at the same world size only "
+                "(use torch.distributed.checkpoint or a full state dict to change it)"
+            )
+        return value
+    if not is_dtensor(p):
+        return value.to(device=p.device)
+    start, stop = local_rows(p)
+    return wrap_rows(p, value[start:stop].to(device=local(p).device).clone())
 
 
 def shard_rows(m: int, world: int) -> list[int]:
@@ -207,33 +246,46 @@ class Distribution:
         world, rank = self.shard_world_rank()
         return self.owner(p, world) == rank
 
-    def layout(self, params: list[Tensor], shape: tuple[int, int]) -> BucketLayout:
-        """How the matrices ``params`` (one bucket, global 2-D ``shape``) move to and from their owners."""
-        if is_dtensor(params[0]):
+    def layout(self, params: list[Tensor], shape: tuple[int, int], counts: list[int] | None = None,
+               whole: bool = False) -> BucketLayout:
+        """How the matrices of ``params`` (one bucket, global 2-D ``shape``; ``counts[j]``: how many of
+        them parameter ``j`` holds here, 1 by default) move to and from their owners. The matrices of
+        one parameter share its owner. ``whole``: every rank holds whole matrices of its own (the experts
+        of a ``matrix_view="batch"`` ``DTensor``, sharded on the expert dim): nothing moves."""
+        counts = [1] * len(params) if counts is None else counts
+        if is_dtensor(params[0]) and not whole:
             group, mode = self.sharded_group, "sharded"
-        elif self.replicated_group is not None:
+        elif self.replicated_group is not None and not is_dtensor(params[0]):
             group, mode = self.replicated_group, "replicated"
         else:
-            return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]])
+            return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]], counts)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         owners = [self.owner(p, world) for p in params]
         # (The rows a rank holds were checked against these sizes when the parameter was added.)
         rows = shard_rows(shape[0], world) if mode == "sharded" else [shape[0]] * world
-        return BucketLayout(group, mode, world, rank, owners, shape, rows)
+        return BucketLayout(group, mode, world, rank, owners, shape, rows, counts)
 
 
 @dataclass
 class BucketLayout:
+    """Owners of one bucket's parameters, and the moves of its ``(B, m, n)`` stacks (``B``: the matrices,
+    ``counts[j]`` consecutive ones per parameter ``j``, all owned by ``param_owners[j]``)."""
+
     group: dist.ProcessGroup | None
     mode: str  # "local", "replicated" or "sharded"
     world: int
     rank: int
-    owners: list[int]
+    param_owners: list[int]
     shape: tuple[int, int]
     rows: list[int]
+    counts: list[int]
 
     def __post_init__(self) -> None:
+        #: the owner of each matrix of the stack
+        self.owners = [o for o, c in zip(self.param_owners, self.counts) for _ in range(c)]
+        #: the matrices (stack positions) and the parameters (bucket positions) this rank owns
         self.owned = [j for j, o in enumerate(self.owners) if o == self.rank]
+        self.owned_params = [j for j, o in enumerate(self.param_owners) if o == self.rank]
         self._by_owner = [[j for j, o in enumerate(self.owners) if o == k] for k in range(self.world)]
 
     def to_owners(self, stack: Tensor) -> Tensor:

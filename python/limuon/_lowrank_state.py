@@ -1,6 +1,8 @@
 """LiMuon's own state-dict handling: state kept in its own dtype, and Option #2's low-rank factors,
 which under FSDP2 live on each matrix's owner rank only (gathered for ``state_dict()``, dropped on the
-other ranks after ``load_state_dict``)."""
+other ranks after ``load_state_dict``). The factors of a ``matrix_view="batch"`` parameter sharded on its
+expert dim are ``DTensor``s sharded like it instead: every rank keeps those of its own matrices, and
+torch's state dict and torch.distributed.checkpoint handle them as they handle the parameter."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from limuon._checks import matrix_shape
-from limuon._distributed import is_dtensor, local
+from limuon._checks import is_batched, matrix_shape
+from limuon._distributed import adapt_rows, is_dtensor, local
+from limuon._lowrank import FACTORS
 
 
 class LowRankStateMixin:
@@ -29,6 +32,7 @@ class LowRankStateMixin:
             st = dict(st) if isinstance(st, dict) else st
             kept[pid] = {k: st.pop(k) for k in self._OWN_DTYPE_KEYS if k in st} if isinstance(st, dict) else {}
             state[pid] = st
+        kept = self._adapt_factors(state_dict, kept)  # (refused before anything changes)
         state_dict["state"] = state
         super().load_state_dict(state_dict)
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -53,11 +57,26 @@ class LowRankStateMixin:
                 state_dict["state"][idx] = {**state_dict["state"].get(idx, {}), **factors}
         return state_dict
 
+    def _adapt_factors(self, state_dict: dict[str, Any], kept: dict[Any, dict[str, Tensor]]
+                       ) -> dict[Any, dict[str, Tensor]]:
+        """``kept`` with the low-rank factors of stacked parameters laid out as the parameters (``adapt_rows``:
+        a whole tensor saved by one process is cut to this rank's matrices under FSDP2)."""
+        saved = [(pid, g.get("matrix_view", "flatten")) for g in state_dict["param_groups"] for pid in g["params"]]
+        params = self._all_params()
+        if len(saved) != len(params):
+            return kept  # torch's load_state_dict explains what does not match
+        out = dict(kept)
+        for index, ((pid, view), p) in enumerate(zip(saved, params)):
+            if is_batched(p, view) and kept.get(pid):
+                out[pid] = {k: adapt_rows(index, k, p, v) if k in FACTORS else v for k, v in kept[pid].items()}
+        return out
+
     def _sharded_matrices(self) -> list[tuple[int, Tensor]]:
+        """The row-sharded ``DTensor`` matrices (index, parameter): those whose factors live on one owner."""
         out, idx = [], 0
         for group in self.param_groups:
             for p in group["params"]:
-                if self._is_matrix(group, p) and is_dtensor(p):
+                if self._is_matrix(group, p) and is_dtensor(p) and not is_batched(p, group["matrix_view"]):
                     out.append((idx, p))
                 idx += 1
         return out
@@ -108,7 +127,8 @@ class LowRankStateMixin:
         lost = []
         for (_, p, g), group in zip(items, groups):
             st = self.state.get(p, {})
+            # (the factors of a stacked parameter sharded on the expert dim are on every rank)
             lost.append(g is not None and self._is_matrix(group, p) and is_dtensor(p)
-                        and distribution.owns(p)
+                        and (is_batched(p, group["matrix_view"]) or distribution.owns(p))
                         and self._state_kind(group, p) == "lowrank" and "U" not in st)
         return lost

@@ -1,12 +1,16 @@
 """Stacked optimizer state: the state of the matrices of one bucket lives in one ``(B, ...)`` tensor.
 
 Each parameter's state entry is a view of its slice, so torch's state_dict format is unchanged while a
-step updates the whole bucket in one kernel launch. When the set of matrices stepped together changes
-(a matrix without a gradient this step, MoE experts, a state dict just loaded) the entries are stacked
-anew. Invariant: a stacked tensor is only ever referenced by the state of its own members. Whenever some
-members move to a new stack, the others are copied into a stack of their own, so the old storage is
-freed and every parameter's state exists exactly once, whatever the gradient pattern (what
-``torch.save`` writes is then exactly the memory table of docs/ALGORITHM.md §5).
+step updates the whole bucket in one kernel launch. A parameter may own several consecutive slices (the
+matrices of a ``matrix_view="batch"`` parameter; ``leads``: their leading dimensions): its entries are
+then views with those leading dimensions (parameter-shaped state shaped as the parameter, the low-rank
+factors as ``(..., m, r)``, ``(..., r)``, ``(..., n, r)``; under FSDP2, ``DTensor``s sharded on dim 0 as
+the parameter is). When the set of matrices stepped together changes (a matrix without a gradient this
+step, MoE experts, a state dict just loaded) the entries are stacked anew. Invariant: a stacked tensor
+is only ever referenced by the state of its own members. Whenever some members move to a new stack,
+each of the others is copied into storage of its own, so the old storage is freed and every
+parameter's state exists exactly once, whatever the gradient pattern (what ``torch.save`` writes is
+then exactly the memory table of docs/ALGORITHM.md §5).
 """
 
 from __future__ import annotations
@@ -16,7 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from limuon._distributed import is_dtensor, local, wrap_like
+from limuon._buckets import unit_count
+from limuon._distributed import is_dtensor, local, wrap_like, wrap_rows
+
+Leads = list[tuple[int, ...] | None] | None
 
 #: state entries shaped like their parameter (stored as a DTensor sharded like it under FSDP2)
 PARAM_SHAPED_STATE = ("momentum_buffer", "last_update", "exp_avg", "exp_avg_sq")
@@ -46,22 +53,35 @@ class StackedStateMixin:
         # Not part of torch's pickled optimizer state (__getstate__): rebuilt lazily after a copy.
         return self.__dict__.setdefault("_stacks", {})
 
-    def stacked_state(self, params: list[Tensor], name: str, slice_shape: tuple[int, ...] | None = None) -> Tensor:
-        """The (B, ...) tensor whose slice ``i`` is ``state[params[i]][name]`` (stacking once if needed)."""
-        stacks = self._stack_registry()
-        stacked = stacks.get((name, tuple(id(p) for p in params)))
-        states = [self.state[p] for p in params]
-        if stacked is not None and all(local(st[name]).data_ptr() == stacked[i].data_ptr()
-                                       for i, st in enumerate(states)):
+    def stacked_state(self, params: list[Tensor], name: str, slice_shape: tuple[int, ...] | None = None,
+                      leads: Leads = None) -> Tensor:
+        """The (B, ...) tensor whose slices are the state ``name`` of ``params`` (stacking once if needed):
+        ``unit_count(leads[i])`` consecutive slices per parameter (one each when ``leads`` is None), shaped
+        ``slice_shape`` (default: the entry's own trailing shape)."""
+        leads = [None] * len(params) if leads is None else leads
+        counts = [unit_count(lead) for lead in leads]
+        stacked = self._stack_registry().get((name, tuple(id(p) for p in params)))
+        if stacked is not None and self._is_stack_of(stacked, params, name, counts):
             return stacked
-        parts = [local(st[name]) if slice_shape is None else local(st[name]).reshape(slice_shape) for st in states]
-        return self.adopt_stacked_state(params, name, torch.stack(parts))
+        parts = []
+        for p, lead, count in zip(params, leads, counts):
+            held = local(self.state[p][name])
+            trailing = slice_shape if slice_shape is not None else held.shape[0 if lead is None else len(lead):]
+            parts.append(held.reshape(count, *trailing))
+        return self.adopt_stacked_state(params, name, torch.cat(parts), leads)
 
-    def adopt_stacked_state(self, params: list[Tensor], name: str, stacked: Tensor) -> Tensor:
-        """Make slice ``i`` of ``stacked`` the state ``name`` of ``params[i]`` (a view, shaped like the
-        parameter for parameter-shaped state: for a ``DTensor`` parameter, a ``DTensor`` sharded alike)."""
+    def _is_stack_of(self, stacked: Tensor, params: list[Tensor], name: str, counts: list[int]) -> bool:
+        if sum(counts) != stacked.shape[0]:
+            return False
+        offsets = [sum(counts[:i]) for i in range(len(counts))]
+        return all(c == 0 or local(self.state[p][name]).data_ptr() == stacked[o].data_ptr()
+                   for p, o, c in zip(params, offsets, counts))
+
+    def adopt_stacked_state(self, params: list[Tensor], name: str, stacked: Tensor, leads: Leads = None) -> Tensor:
+        """Make the slices of ``stacked`` the state ``name`` of ``params`` (``unit_count(leads[i])`` consecutive
+        slices each, as views: see the module docstring)."""
         self._release_stacks(params, name)
-        self._set_views(params, name, stacked)
+        self._set_views(params, name, stacked, [None] * len(params) if leads is None else leads)
         return stacked
 
     def drop_state(self, params: list[Tensor], name: str) -> None:
@@ -71,14 +91,17 @@ class StackedStateMixin:
             if p in self.state:
                 self.state[p].pop(name, None)
 
-    def _set_views(self, params: list[Tensor], name: str, stacked: Tensor) -> None:
-        for p, part in zip(params, stacked.unbind(0)):
-            self.state[p][name] = wrap_like(p, part.view(local(p).shape)) if name in PARAM_SHAPED_STATE else part
+    def _set_views(self, params: list[Tensor], name: str, stacked: Tensor, leads: list) -> None:
+        offset = 0
+        for p, lead in zip(params, leads):
+            count = unit_count(lead)
+            self.state[p][name] = _state_view(p, name, stacked[offset: offset + count], lead)
+            offset += count
         self._stack_registry()[(name, tuple(id(p) for p in params))] = stacked
 
     def _release_stacks(self, params: list[Tensor], name: str) -> None:
         """Before the state ``name`` of ``params`` is replaced: every other parameter whose state ``name``
-        shares memory with theirs (the rest of a stack they were part of) gets a stack of its own."""
+        shares memory with theirs (the rest of a stack they were part of) gets a copy of its own."""
         ids = {id(p) for p in params}
         stacks = self._stack_registry()
         own = stacks.get((name, tuple(id(p) for p in params)))
@@ -86,14 +109,11 @@ class StackedStateMixin:
         held = {k for p in params if isinstance(v := self._entry(p, name), Tensor) and (k := _storage_key(v))}
         if not held or (own is not None and held == {_storage_key(own)}):
             return  # nothing stored, or one stack of exactly these parameters: nobody else to move
-        rest: dict[tuple, list[Tensor]] = {}
         for q, st in self.state.items():
             v = st.get(name) if isinstance(st, dict) and id(q) not in ids else None
             if isinstance(v, Tensor) and _storage_key(v) in held:
-                rest.setdefault((tuple(local(v).shape), v.dtype, local(v).device), []).append(q)
-        for members in rest.values():
-            self._forget({id(q) for q in members}, name)
-            self._set_views(members, name, torch.stack([local(self.state[q][name]) for q in members]))
+                self._forget({id(q)}, name)
+                st[name] = wrap_like(v, local(v).clone())  # (a DTensor stays laid out as it was)
 
     def _forget(self, ids: set[int], name: str) -> None:
         """Drop the registry entries of the stacks of state ``name`` that hold any of ``ids``."""
@@ -104,3 +124,12 @@ class StackedStateMixin:
     def _entry(self, p: Tensor, name: str) -> Any:
         st = self.state.get(p)
         return st.get(name) if isinstance(st, dict) else None
+
+
+def _state_view(p: Tensor, name: str, part: Tensor, lead: tuple[int, ...] | None) -> Tensor:
+    """The state entry ``name`` of parameter ``p`` from its ``(count, ...)`` slices of a stack."""
+    if name in PARAM_SHAPED_STATE:
+        return wrap_like(p, part.view(local(p).shape))
+    if lead is None:
+        return part[0]
+    return wrap_rows(p, part.view(*lead, *part.shape[1:]))

@@ -10,9 +10,10 @@ from torch import Tensor
 
 import limuon_kernels as lk
 from limuon._buckets import Bucket, apply_update, make_buckets
-from limuon._checks import check_choice, check_int, check_ns_group, check_number, lr_scale, matrix_shape
+from limuon._checks import check_choice, check_int, check_matrix_view, check_ns_group, check_number, lr_scale
 from limuon._common import HybridOptimizer
-from limuon._exact import MISSING_CLOSURE, RESTORE_SCOPES, previous_iterate_gradients, rng_state
+from limuon._exact import MISSING_CLOSURE, RESTORE_SCOPES, closure_at_previous_iterate, previous_gradients
+from limuon._lowrank import FACTORS, LowRankMomentumMixin
 from limuon._lowrank_state import LowRankStateMixin
 
 VARIANCE_REDUCTIONS = ("exact", "approx", "none")
@@ -22,7 +23,7 @@ DEFAULT_MOMENTUM = {"exact": 0.7, "approx": 0.95, "none": 0.95}
 ORTHOGONALIZERS = ("newton_schulz", "svd")
 
 
-class LiMuon(LowRankStateMixin, HybridOptimizer):
+class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
     r"""LiMuon: orthogonalised STORM momentum for matrices, AdamW for the rest.
 
     For every matrix parameter ``W`` (ndim ≥ 2; a conv weight is treated as ``(out, in·kh·kw)``),
@@ -37,8 +38,17 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
     Option #1 (``rank=None``) keeps the momentum ``M`` (or ``b``) as a dense ``m×n`` tensor.
     Option #2 (``rank=r``) keeps only its randomized SVD ``U (m×r), S (r), V (n×r)`` between steps and
     uses ``U diag(S) Vᵀ`` in place of the previous momentum; ``r ≥ min(m, n)`` is Option #1.
-    The RSVD of parameter ``i`` at its step ``t`` is seeded with ``derive_seed(seed, i, t)``, so runs
-    are reproducible and resume exactly from a ``state_dict``.
+    The RSVD of parameter ``i`` at its step ``t`` is seeded with ``derive_seed(seed, i, t)`` (matrix ``e``
+    of a ``matrix_view="batch"`` parameter: ``derive_seed(seed, i, t, e)``), so runs are reproducible
+    and resume exactly from a ``state_dict``.
+
+    ``matrix_view`` (per group) says what a matrix is: ``"flatten"`` (default) sees an N-D parameter as
+    one ``(shape[0], numel / shape[0])`` matrix (a conv weight as ``(out, in·kh·kw)``); ``"batch"`` sees
+    ``(..., m, n)`` as ``prod(shape[:-2])`` independent ``m×n`` matrices (mixture-of-experts weights,
+    fused per-head projections), each with its own momentum, orthogonalisation, low-rank factors
+    (stored as ``(..., m, r)``, ``(..., r)``, ``(..., n, r)``) and ``s(m, n)``, batched with the group's
+    other ``m×n`` matrices. Under FSDP2 such a parameter is sharded on its first (expert) dimension:
+    each rank updates the matrices it holds, with no communication.
 
     ``"approx"`` (the default) takes one gradient per step and needs no closure. ``"exact"`` (the
     paper's algorithm) needs ``step(closure)`` from the first step: the closure must zero the
@@ -70,9 +80,12 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         orthogonalizer: ``"newton_schulz"`` or ``"svd"`` (exact polar factor in fp32; slow).
         ns_steps, ns_coefficients, eps: Newton–Schulz iterations, coefficients (``"keller"``,
             ``"polar_express"``, one ``(a, b, c)`` triple or one triple per iteration), and the
-            normalisation floor.
+            normalisation floor. ns_method: ``"auto"`` (default), ``"standard"`` or ``"gram"`` (Gram
+            Newton–Schulz: the iteration on the ``min(m,n)²`` Gram matrix; ``"auto"`` picks it where it
+            was measured to be faster, see ``limuon_kernels.resolve_ns_method``).
         weight_decay: decoupled weight decay; adjust_lr_fn: ``None``/``"original"`` or ``"match_rms_adamw"``.
         seed: base seed of the RSVD sketches.
+        matrix_view: ``"flatten"`` (default) or ``"batch"``: how an N-D parameter is seen as matrices (above).
         ns_compute_dtype: matmul dtype of Newton–Schulz (``None``: ``limuon_kernels.get_ns_compute_dtype``:
             bf16 on GPUs and on CPUs with bf16 matrix instructions, else fp32).
         distributed_mesh: ``None``, or a 1-D ``DeviceMesh`` / ``ProcessGroup`` over which DDP-replicated
@@ -104,6 +117,7 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         orthogonalizer: str = "newton_schulz",
         ns_steps: int = 5,
         ns_coefficients: str | Sequence = "keller",
+        ns_method: str = "auto",
         eps: float = 1e-7,
         weight_decay: float = 0.1,
         adjust_lr_fn: str | None = None,
@@ -112,6 +126,7 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         seed: int = 0,
+        matrix_view: str = "flatten",
         ns_compute_dtype: torch.dtype | None = None,
         distributed_mesh: Any = None,
     ) -> None:
@@ -119,9 +134,10 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
             lr=lr, momentum=momentum, rank=rank, oversample=oversample, power_iters=power_iters,
             variance_reduction=variance_reduction, exact_restore=exact_restore, gamma=gamma,
             orthogonalizer=orthogonalizer,
-            ns_steps=ns_steps, ns_coefficients=ns_coefficients, eps=eps, weight_decay=weight_decay,
+            ns_steps=ns_steps, ns_coefficients=ns_coefficients, ns_method=ns_method, eps=eps, weight_decay=weight_decay,
             adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, seed=seed, algorithm=None,
+            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, seed=seed,
+            matrix_view=matrix_view, algorithm=None,
         )
         self._set_distributed_mesh(distributed_mesh)
         super().__init__(params, defaults)
@@ -139,6 +155,7 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         check_number("gamma", group["gamma"], 0.0, 1.0)
         check_choice("orthogonalizer", group["orthogonalizer"], ORTHOGONALIZERS)
         check_int("seed", group["seed"], 0)
+        check_matrix_view(group)
         check_ns_group(group)
 
 
@@ -148,25 +165,30 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One LiMuon step. ``closure`` is required when a group uses ``variance_reduction="exact"``."""
         self._check_all_groups()
+        self._check_factor_views()
         exact = self._exact_active()
         if exact and closure is None and not self._initialising_exact_state():
             raise RuntimeError(MISSING_CLOSURE)
-        loss = None
-        rng_before = rng_state() if exact else None
+        loss = previous = None
+        if exact and closure is not None and self._has_previous_iterate():
+            params = self._all_params()
+            movers = [p for p in params if "last_update" in self.state.get(p, {})]
+            previous = closure_at_previous_iterate(params, movers, self.state, closure)
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
         split = self._split()
         self._check_step_gradients()
-        old_grads = self._old_point_gradients(split, closure, rng_before) if exact and closure is not None else {}
+        old_grads = self._old_point_gradients(split, previous) if previous is not None else {}
         self._keep_restore_buffers(exact, {id(p) for _, mats, others in split for _, p in mats + others})
 
         for group, mats, _ in split:
             params = [p for _, p in mats]
             indices = [i for i, _ in mats]
             record = exact and self._moves_back(group, matrix=True)
-            for bucket in make_buckets(params, indices, key=lambda p, g=group: self._bucket_key(g, p)):
+            for bucket in make_buckets(params, indices, group["matrix_view"],
+                                       key=lambda p, g=group: self._bucket_key(g, p)):
                 self._step_bucket(group, bucket, old_grads, record)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
@@ -195,16 +217,16 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         matrices of exact-mode groups."""
         return group["exact_restore"] == "all" or (matrix and group["variance_reduction"] == "exact")
 
-    def _old_point_gradients(self, split: list, closure: Callable[[], Any], rng_before: tuple) -> dict[int, Tensor]:
+    def _has_previous_iterate(self) -> bool:
+        """Some exact-mode matrix has a previous iterate: this step takes the second gradient."""
+        return any("last_update" in self.state.get(p, {}) for g in self.param_groups
+                   if g["variance_reduction"] == "exact" for p in g["params"] if self._is_matrix(g, p))
+
+    def _old_point_gradients(self, split: list, previous: dict[int, Tensor | None]) -> dict[int, Tensor]:
         """Exact mode: the gradients of the exact-mode matrices at the previous iterate, same batch."""
         needed = [(i, p) for group, mats, _ in split if group["variance_reduction"] == "exact"
                   for i, p in mats if "last_update" in self.state.get(p, {})]
-        if not needed:
-            return {}
-        params = self._all_params()
-        movers = [p for p in params if "last_update" in self.state.get(p, {})]
-        return previous_iterate_gradients(params, movers, needed, self.state, closure, rng_before,
-                                          self.distribution().group)
+        return previous_gradients(needed, previous, self.distribution().group)
 
     def _keep_restore_buffers(self, exact: bool, stepped: set[int]) -> None:
         """Restore buffers for the next step: dropped where no longer wanted (no exact mode, or out of the
@@ -222,9 +244,6 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
                     st["last_update"].zero_()
         if drop:
             self.drop_state(drop, "last_update")
-
-    def _low_rank(self, group: dict, p: Tensor) -> bool:
-        return group["rank"] is not None and group["rank"] < min(matrix_shape(p))
 
     def _state_kind(self, group: dict, p: Tensor) -> str:
         """"first" (no momentum yet), "dense" (momentum_buffer stored) or "lowrank" (U, S, V stored,
@@ -245,9 +264,8 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         # both are (B, m, n) and the moves between them are the identity (see _distributed.py).
         mode = group["variance_reduction"]
         mu, gamma = momentum_of(group), group["gamma"]
-        params = bucket.params
-        layout = self.distribution().layout(params, bucket.shape)
-        owned = [params[j] for j in layout.owned]
+        params, leads, counts = bucket.params, bucket.leads, bucket.counts
+        layout = self.distribution().layout(params, bucket.shape, counts, bucket.whole)
         states = [self.state[p] for p in params]
         kind = self._state_kind(group, params[0])
         low_rank = self._low_rank(group, params[0])
@@ -263,7 +281,7 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
                 buf_local = G * ((1.0 - gamma) / mu) if mode == "approx" else G
         elif kind == "dense":
             # One launch for the whole bucket: the buffers are slices of one stacked tensor.
-            buf_local = self.stacked_state(params, "momentum_buffer", bucket.local_shape)
+            buf_local = self.stacked_state(params, "momentum_buffer", bucket.local_shape, leads)
             if mode == "exact":
                 lk.storm_update_(buf_local, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
                 ns_local = buf_local
@@ -278,8 +296,7 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
         else:
             G_own = layout.to_owners(G)
             G_old = layout.to_owners(bucket.stack([old_grads[id(p)] for p in params])) if mode == "exact" else None
-            buf_own, ns_own = self._lowrank_momentum(group, owned, [bucket.indices[j] for j in layout.owned],
-                                                     G_own, G_old)
+            buf_own, ns_own = self._lowrank_momentum(group, bucket, layout.owned_params, G_own, G_old, mu)
             if not low_rank:  # back to Option #1: every rank keeps its rows of the dense momentum
                 buf_local = layout.from_owners(buf_own)
 
@@ -296,76 +313,19 @@ class LiMuon(LowRankStateMixin, HybridOptimizer):
             # last_update = W_k − W_{k+1}: what the next step adds to go back one iterate (kept in bf16).
             delta = bucket.stack(params).mul_(lr * wd).add_(O, alpha=lr * scale)
             if all("last_update" in st for st in states):
-                self.stacked_state(params, "last_update", bucket.local_shape).copy_(delta)
+                self.stacked_state(params, "last_update", bucket.local_shape, leads).copy_(delta)
             else:
-                self.adopt_stacked_state(params, "last_update", delta.to(torch.bfloat16))
-        apply_update(held, O, lr, wd, scale)
+                self.adopt_stacked_state(params, "last_update", delta.to(torch.bfloat16), leads)
+        apply_update(held, O, lr, wd, scale, counts)
 
         # 4. Keep the momentum for the next step: compressed to rank r (by its owner), or dense.
         if low_rank:
-            self._compress(group, params, layout, buf_own, bucket.indices)
+            self._compress(group, bucket, layout, buf_own)
         elif kind != "dense":
             # `buf_local` is a fresh tensor here (stacked gradients or a low-rank product), never aliased.
-            self.adopt_stacked_state(params, "momentum_buffer", buf_local)
-            for key in ("U", "S", "V"):
+            self.adopt_stacked_state(params, "momentum_buffer", buf_local, leads)
+            for key in FACTORS:
                 self.drop_state(params, key)
-
-    def _lowrank_momentum(self, group: dict, params: list[Tensor], indices: list[int], G: Tensor,
-                          G_old: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Option #2 on the owner: the new momentum ``buf`` and the orthogonaliser input from the stored
-        factors ``U diag(S) Vᵀ`` of ``params`` (whole matrices, ``(B_own, m, n)``).
-
-        Matrices whose stored rank differs (the group's rank changed while some skipped steps) are
-        computed in separate batches, since their factors cannot be stacked together."""
-        for p, i in zip(params, indices):
-            if "U" not in self.state[p]:  # (checked on every rank before the step: see _lost_state)
-                raise RuntimeError(f"LiMuon has no low-rank factors for parameter {i} (shape {tuple(p.shape)})")
-        if not params:
-            return G, G
-        by_rank: dict[int, list[int]] = {}
-        for j, p in enumerate(params):
-            by_rank.setdefault(self.state[p]["U"].shape[-1], []).append(j)
-        if len(by_rank) == 1:
-            return self._lowrank_momentum_batch(group, params, G, G_old)
-        buf, ns_in = torch.empty_like(G), torch.empty_like(G)
-        for idx in by_rank.values():
-            b, x = self._lowrank_momentum_batch(group, [params[j] for j in idx], G[idx],
-                                                None if G_old is None else G_old[idx])
-            buf[idx], ns_in[idx] = b, x
-        return buf, ns_in
-
-    def _lowrank_momentum_batch(self, group: dict, params: list[Tensor], G: Tensor, G_old: Tensor | None
-                                ) -> tuple[Tensor, Tensor]:
-        mode, mu, gamma = group["variance_reduction"], momentum_of(group), group["gamma"]
-        U, S, V = (self.stacked_state(params, k) for k in ("U", "S", "V"))
-        if mode == "exact":
-            buf = lk.lowrank_storm(U, S, V, G, G_old, mu)
-            return buf, buf
-        if mode == "none":
-            buf = lk.lowrank_axpby(U, S, V, G, mu, 1.0 - mu)
-            return buf, buf
-        buf = lk.lowrank_axpby(U, S, V, G, mu, (1.0 - gamma) * (1.0 - mu) / mu)
-        return buf, buf.mul(mu).add_(G, alpha=gamma)
-
-    def _compress(self, group: dict, params: list[Tensor], layout: Any, buf_own: Tensor, indices: list[int]) -> None:
-        """Option #2: the owners replace the momentum of their matrices by its randomized SVD. Under DDP
-        the factors are then all-gathered (replicated state, like everything else there); under FSDP2
-        they stay on the owner."""
-        owned = [params[j] for j in layout.owned]
-        if owned:
-            seeds = [lk.derive_seed(group["seed"], indices[j], int(self.state[params[j]]["step"]))
-                     for j in layout.owned]
-            factors = lk.rsvd(buf_own, group["rank"], group["oversample"], group["power_iters"], seed=seeds)
-        else:  # (an all-gather below still needs this rank's empty share)
-            (m, n), r = layout.shape, group["rank"]
-            factors = tuple(buf_own.new_empty(shape, dtype=torch.float32) for shape in ((0, m, r), (0, r), (0, n, r)))
-        if layout.mode == "replicated":
-            factors = tuple(layout.from_owners(f) for f in factors)
-            owned = params
-        for name, factor in zip(("U", "S", "V"), factors):
-            self.adopt_stacked_state(owned, name, factor)
-        self.drop_state(params, "momentum_buffer")
-
 
 
 def momentum_of(group: dict) -> float:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from limuon._buckets import apply_update, make_buckets
-from limuon._checks import check_ns_group, check_number, lr_scale
+from limuon._checks import check_matrix_view, check_ns_group, check_number, lr_scale
 from limuon._common import HybridOptimizer
 
 
@@ -20,14 +20,19 @@ class Muon(HybridOptimizer):
         B ← lerp(B, g, 1 − μ);   G = lerp(g, B, μ) if nesterov else B
         O = NS(G);               W ← W·(1 − lr·wd) − lr·s(m, n)·O
 
-    Same-shape matrices are orthogonalised as one ``(B, m, n)`` batch. Parameters with ndim < 2 and
-    groups with ``algorithm="adamw"`` get AdamW (torch.optim.AdamW semantics) with ``adamw_lr``,
-    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` (``None``: the group's lr/weight_decay).
-    State keys match torch.optim.Muon (``momentum_buffer``), so state dicts carry over.
+    Same-shape matrices are orthogonalised as one ``(B, m, n)`` batch. ``matrix_view`` (per group):
+    ``"flatten"`` (default) orthogonalises an N-D parameter as one ``(shape[0], numel / shape[0])`` matrix;
+    ``"batch"`` sees ``(..., m, n)`` as ``prod(shape[:-2])`` independent ``m×n`` matrices (mixture-of-experts
+    weights), each with its own ``s(m, n)``, batched with the group's other ``m×n`` matrices. Parameters
+    with ndim < 2 and groups with ``algorithm="adamw"`` get AdamW (torch.optim.AdamW semantics) with ``adamw_lr``
+    (required for them unless ``adjust_lr_fn="match_rms_adamw"``; scaled by ``lr / lr₀`` under a schedule),
+    ``adamw_betas``, ``adamw_eps``, ``adamw_weight_decay`` (``None``: the group's weight_decay).
+    State keys match torch.optim.Muon (``momentum_buffer``): a torch.optim.Muon state dict loads and
+    continues as torch's run does (the settings torch's groups lack are this optimizer's).
 
-    ``ns_compute_dtype`` is the Newton–Schulz matmul dtype (``None``: fp32 on CPU, where bf16
-    matmuls are 25–90× slower; bf16 on GPU, as torch.optim.Muon). Pass ``torch.bfloat16`` on CPU to
-    reproduce torch.optim.Muon's rounding there.
+    ``ns_compute_dtype`` is the Newton–Schulz matmul dtype (``None``: ``limuon_kernels.get_ns_compute_dtype``:
+    bf16 on GPUs and on CPUs with AVX512-BF16/AMX, fp32 on other CPUs, where bf16 matmuls are 25–90× slower);
+    kept in the group by name. ``ns_method``: ``"auto"``, ``"standard"`` or ``"gram"`` (Gram Newton–Schulz).
 
     ``distributed_mesh`` (a 1-D ``DeviceMesh`` or a ``ProcessGroup``) splits the Newton–Schulz work of
     DDP-replicated parameters across its ranks (each orthogonalises its share, then the updates are
@@ -54,13 +59,17 @@ class Muon(HybridOptimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         ns_compute_dtype: torch.dtype | None = None,
+        ns_method: str = "auto",
+        matrix_view: str = "flatten",
         distributed_mesh: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
             ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn,
             adamw_lr=adamw_lr, adamw_betas=adamw_betas, adamw_eps=adamw_eps,
-            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, algorithm=None,
+            adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, ns_method=ns_method,
+            matrix_view=matrix_view,
+            algorithm=None,
         )
         self._set_distributed_mesh(distributed_mesh)
         super().__init__(params, defaults)
@@ -70,6 +79,7 @@ class Muon(HybridOptimizer):
         check_number("momentum", group["momentum"], low=0.0)
         if not isinstance(group["nesterov"], bool):
             raise ValueError(f"Invalid nesterov: {group['nesterov']!r}; expected a bool")
+        check_matrix_view(group)
         check_ns_group(group)
 
     @torch.no_grad()
@@ -88,19 +98,20 @@ class Muon(HybridOptimizer):
             if not mats:
                 continue
             mu = group["momentum"]
-            for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats]):
-                layout = distribution.layout(bucket.params, bucket.shape)
+            for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats], group["matrix_view"]):
+                layout = distribution.layout(bucket.params, bucket.shape, bucket.counts, bucket.whole)
                 grads = bucket.stack([p.grad for p in bucket.params])
                 if any("momentum_buffer" not in self.state[p] for p in bucket.params):
                     for p in bucket.params:
                         self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
                 # One launch per bucket: the buffers are slices of one stacked tensor (local shards).
-                bufs = self.stacked_state(bucket.params, "momentum_buffer", bucket.local_shape)
+                bufs = self.stacked_state(bucket.params, "momentum_buffer", bucket.local_shape, bucket.leads)
                 bufs.lerp_(grads, 1.0 - mu)
                 G = grads.lerp_(bufs, mu) if group["nesterov"] else bufs
                 O = layout.from_owners(self._orthogonalize(group, layout.to_owners(G)))
                 scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
-                apply_update(bucket.local_params, O, float(group["lr"]), float(group["weight_decay"]), scale)
+                apply_update(bucket.local_params, O, float(group["lr"]), float(group["weight_decay"]), scale,
+                             bucket.counts)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
             self._adamw_step(group, [p for _, p in others])
