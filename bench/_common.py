@@ -208,22 +208,14 @@ def timing_note(r: Mapping[str, Any]) -> str:
 
 
 def bf16_matmul_native(dev: torch.device) -> bool:
-    """Whether ``dev`` has bf16 matrix instructions: CUDA yes; x86 CPUs with AVX512-BF16 or AMX; ARM CPUs
-    with BF16. Without them torch's CPU bf16 matmul can be ~100x slower than fp32 (issue #10: 0.9 against
-    119 GFLOP/s on an AVX2 CPU), so a bf16 peer there is first timed on a smaller case. Unknown: False
-    (a false False only costs that smaller case's one call)."""
+    """Whether ``dev`` has bf16 matrix instructions: CUDA yes; a CPU as limuon_kernels decides its Newton–Schulz
+    dtype (AVX512-BF16 or AMX). Without them torch's CPU bf16 matmul can be ~100x slower than fp32 (issue #10:
+    0.9 against 119 GFLOP/s on an AVX2 CPU), so a bf16 peer there is first timed on a smaller case."""
     if dev.type != "cpu":
         return dev.type == "cuda"
-    caps_fn = getattr(torch.cpu, "get_capabilities", None)
-    if caps_fn is not None:
-        caps = caps_fn()
-        return any(bool(caps.get(k)) for k in ("avx512_bf16", "amx_bf16", "amx_tile", "bf16", "sve_bf16"))
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):  # older torch
-        for mod in (torch.cpu, getattr(torch._C, "_cpu", None)):
-            check = getattr(mod, name, None)
-            if check is not None and check():
-                return True
-    return False
+    from limuon_kernels import cpu_features
+
+    return cpu_features.has_native_bf16_matmul()
 
 
 def fmt_duration(seconds: float) -> str:

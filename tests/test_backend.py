@@ -152,7 +152,10 @@ def test_torch_backend_calls_the_reference_kernel(monkeypatch, no_selection):
 
 
 def test_ns_compute_dtype_defaults_and_setting():
-    assert lk.get_ns_compute_dtype("cpu") == torch.float32
+    # The CPU default follows the machine (tests/test_ns_dtype.py fakes both kinds of CPU).
+    from limuon_kernels.cpu_features import has_native_bf16_matmul
+
+    assert lk.get_ns_compute_dtype("cpu") == (torch.bfloat16 if has_native_bf16_matmul() else torch.float32)
     assert lk.get_ns_compute_dtype(torch.device("cuda", 0)) == torch.bfloat16
     lk.set_ns_compute_dtype("cpu", torch.bfloat16)
     assert lk.get_ns_compute_dtype("cpu") == torch.bfloat16
