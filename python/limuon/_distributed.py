@@ -107,6 +107,22 @@ def check_dtensor_param(index: int, p: Tensor) -> None:
         )
 
 
+def _check_saved_sharding(where: str, p: Tensor, value: Tensor) -> Tensor:
+    """A loaded ``DTensor`` state entry, refused unless sharded exactly as its parameter is."""
+    if not is_dtensor(p):
+        raise ValueError(
+            f"{where} is a DTensor (saved under FSDP2) but the parameter is a plain tensor; save a full state "
+            "dict (torch.distributed.checkpoint.state_dict, StateDictOptions(full_state_dict=True)) instead"
+        )
+    if value.device_mesh != p.device_mesh or value.placements != p.placements:
+        raise ValueError(
+            f"{where} was saved sharded over {value.device_mesh} as {value.placements}, the parameter is sharded "
+            f"over {p.device_mesh} as {p.placements}; a per-rank state dict loads at the same world size only "
+            "(use torch.distributed.checkpoint or a full state dict to change it)"
+        )
+    return value
+
+
 def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
     """Loaded parameter-shaped state ``value`` laid out as parameter ``p`` is: a whole plain tensor for
     a ``DTensor`` parameter is cut to this rank's rows; a ``DTensor`` saved for another mesh or sharding,
@@ -115,18 +131,7 @@ def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
     if tuple(value.shape) != tuple(p.shape):
         raise ValueError(f"{where} has shape {tuple(value.shape)}")
     if is_dtensor(value):
-        if not is_dtensor(p):
-            raise ValueError(
-                f"{where} is a DTensor (saved under FSDP2) but the parameter is a plain tensor; save a full state "
-                "dict (torch.distributed.checkpoint.state_dict, StateDictOptions(full_state_dict=True)) instead"
-            )
-        if value.device_mesh != p.device_mesh or value.placements != p.placements:
-            raise ValueError(
-                f"{where} was saved sharded over {value.device_mesh} as {value.placements}, the parameter is sharded "
-                f"over {p.device_mesh} as {p.placements}; a per-rank state dict loads at the same world size only "
-                "(use torch.distributed.checkpoint or a full state dict to change it)"
-            )
-        return value
+        return _check_saved_sharding(where, p, value)
     if not is_dtensor(p):
         return value
     start, stop = local_rows(p)
@@ -142,18 +147,7 @@ def adapt_rows(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
     if value.ndim == 0 or value.shape[0] != p.shape[0]:
         raise ValueError(f"{where} has shape {tuple(value.shape)}; its first dimension must be the parameter's")
     if is_dtensor(value):
-        if not is_dtensor(p):
-            raise ValueError(
-                f"{where} is a DTensor (saved under FSDP2) but the parameter is a plain tensor; save a full state "
-                "dict (torch.distributed.checkpoint.state_dict, StateDictOptions(full_state_dict=True)) instead"
-            )
-        if value.device_mesh != p.device_mesh or value.placements != p.placements:
-            raise ValueError(
-                f"{where} was saved sharded over {value.device_mesh} as {value.placements}, the parameter is sharded "
-                f"over {p.device_mesh} as {p.placements}; a per-rank state dict loads at the same world size only "
-                "(use torch.distributed.checkpoint or a full state dict to change it)"
-            )
-        return value
+        return _check_saved_sharding(where, p, value)
     if not is_dtensor(p):
         return value.to(device=p.device)
     start, stop = local_rows(p)
