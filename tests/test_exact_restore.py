@@ -144,3 +144,22 @@ def test_a_zero_lr_step_initialises_state_without_a_closure():
     assert all("momentum_buffer" in opt.state[p] or "exp_avg" in opt.state[p] for p in model.parameters())
     with pytest.raises(RuntimeError, match="needs a closure"):
         opt.step()  # state exists now: a real step needs the second gradient
+
+
+def test_a_group_switched_into_exact_mode_restarts_its_momentum():
+    """With another group already exact (so every parameter keeps a restore buffer), a group switched from
+    approx to exact still restarts M = g: approx keeps another quantity (b, not M) in momentum_buffer."""
+    model = make_model()
+    groups = mixed_groups(model)
+    opt = limuon.LiMuon(groups, lr=LR, adamw_lr=ADAMW_LR, variance_reduction="exact")
+    for k in range(2):
+        opt.step(make_closure(model, make_batch(seed=20 + k)))
+    assert "last_update" in opt.state[model.head.weight]
+    opt.param_groups[1]["variance_reduction"] = "exact"
+    opt.step(make_closure(model, make_batch(seed=30)))
+    torch.testing.assert_close(opt.state[model.head.weight]["momentum_buffer"], model.head.weight.grad,
+                               rtol=0, atol=0)
+    before = opt.state[model.head.weight]["momentum_buffer"].clone()
+    opt.step(make_closure(model, make_batch(seed=31)))  # and the next step runs STORM from there
+    assert not torch.equal(opt.state[model.head.weight]["momentum_buffer"], model.head.weight.grad)
+    assert not torch.equal(opt.state[model.head.weight]["momentum_buffer"], before)

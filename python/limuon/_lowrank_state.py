@@ -41,6 +41,7 @@ class LowRankStateMixin:
             for k, v in kept.get(pid, {}).items():
                 self.state[p][k] = v.to(device=p.device)
         self._drop_foreign_factors()
+        self._remember_modes()  # the loaded state belongs to the loaded groups' modes
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict. Under FSDP2 the low-rank factors of each matrix live on its owner

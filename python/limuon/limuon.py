@@ -193,6 +193,7 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
             self._adamw_step(group, [p for _, p in others], exact and self._moves_back(group, matrix=False))
+        self._remember_modes()
         return loss
 
     # -- exact mode ---------------------------------------------------------------------------------
@@ -249,10 +250,20 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
         """"first" (no momentum yet), "dense" (momentum_buffer stored) or "lowrank" (U, S, V stored,
         under FSDP2 on the matrix's owner rank only). Decided from state every rank holds."""
         st = self.state.get(p, {})
-        if "step" not in st or (group["variance_reduction"] == "exact" and "last_update" not in st):
-            # Also when a group switches to exact mode: with no previous iterate, restart M = g.
+        if "step" not in st or (group["variance_reduction"] == "exact"
+                                and ("last_update" not in st or self._switched_mode(group))):
+            # Also when a group switches to exact mode: its stored momentum is another mode's (approx keeps
+            # b, not M) and it may have no previous iterate: restart M = g.
             return "first"
         return "dense" if "momentum_buffer" in st else "lowrank"
+
+    def _switched_mode(self, group: dict) -> bool:
+        """The group's mode differs from the one its last step in this process ran (or it was loaded) with."""
+        mode = group["variance_reduction"]
+        return self.__dict__.get("_modes", {}).get(id(group), mode) != mode
+
+    def _remember_modes(self) -> None:
+        self.__dict__["_modes"] = {id(g): g["variance_reduction"] for g in self.param_groups}
 
     def _bucket_key(self, group: dict, p: Tensor) -> str:
         return self._state_kind(group, p)
