@@ -26,6 +26,8 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 VERSION = "0.1.0"
+# Written next to the compiled _C by build_ext; read by limuon_kernels/_extension.py (same name there).
+TORCH_VERSION_FILE = "_C_torch_version.txt"
 
 
 def _flag(name: str) -> bool:
@@ -107,7 +109,30 @@ def get_extensions_and_cmdclass() -> tuple[list, dict]:
         extra_compile_args={"cxx": cxx_flags},
         extra_link_args=["-fopenmp"] if os.name != "nt" else [],
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": _with_torch_version_file(BuildExtension.with_options(use_ninja=True))}
+
+
+def _with_torch_version_file(build_ext: type) -> type:
+    """``build_ext`` that also writes ``limuon_kernels/_C_torch_version.txt`` next to the built ``_C``.
+
+    The file holds the ``torch.__version__`` that ``_C`` is compiled against. ``_extension.load`` reads it
+    before importing ``_C``: importing runs ``_C``'s kernel registrations, so a version check made after
+    the import (``_C.TORCH_VERSION``) comes too late to keep wrong-ABI kernels out of the dispatcher.
+    Written wherever ``_C`` lands: the build folder (wheels, which take every file there) or, for
+    ``pip install -e .`` (build_ext in place), the source tree, where ``.gitignore`` ignores it.
+    """
+
+    class BuildExtWithTorchVersion(build_ext):
+        def run(self) -> None:
+            super().run()  # leaves self.inplace as the caller set it, so the paths below are where _C is
+            import torch
+
+            for ext in self.extensions:
+                folder = os.path.dirname(self.get_ext_fullpath(ext.name))
+                with open(os.path.join(folder, TORCH_VERSION_FILE), "w", encoding="utf-8") as out:
+                    out.write(f"{torch.__version__}\n")
+
+    return BuildExtWithTorchVersion
 
 
 ext_modules, cmdclass = get_extensions_and_cmdclass()

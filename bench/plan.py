@@ -38,7 +38,7 @@ import train_lm  # noqa: E402
 from _common import RESULTS_DIR, fmt_duration, log  # noqa: E402
 
 TARGET_S = 8.5 * 60  # the 10-minute promise, less a margin for the estimates' error (train's: ~20% seen)
-CORE = ("adamw", "muon", "limuon1-exact")  # the three of the paper's ordering (ALGORITHM.md §6)
+CORE = ("adamw", "muon", "limuon1-exact")  # the three of the paper's ordering (docs/ALGORITHM.md §6)
 SWEEP_REFERENCE = {"adamw": "adamw", "matrix": "muon", "exact": "limuon1-exact"}  # whose best lr a sweep keeps
 
 

@@ -3,9 +3,11 @@
 Backends:
   * ``"torch"``  – the plain-PyTorch reference kernels (``reference.py``); every device.
   * ``"cpp"``    – the fused C++ kernels of ``limuon_kernels._C``; CPU tensors.
-  * ``"triton"`` – the fused Triton kernels; CUDA tensors (CPU tensors under ``TRITON_INTERPRET=1``).
+  * ``"triton"`` – the fused Triton kernels; CUDA tensors on NVIDIA GPUs of compute capability >= 8.0
+    (CPU tensors under ``TRITON_INTERPRET=1``).
   * ``"auto"``   – the fastest available for the tensor's device (the default): ``cpp`` on CPU when
-    built, ``triton`` on CUDA when triton is installed, else ``torch``.
+    built, ``triton`` on CUDA when triton is installed and the GPU is supported, else ``torch``. On an
+    unsupported GPU (older than sm_80, or an AMD GPU under ROCm) one warning per GPU kind says why.
 
 ``set_backend`` and the environment variable ``LIMUON_BACKEND`` choose; ``set_backend`` wins.
 """
@@ -13,13 +15,16 @@ Backends:
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from limuon_kernels import _extension
+from limuon_kernels import triton as _triton_pkg  # the package only: triton itself is imported lazily
 
 BACKENDS = ("auto", "torch", "cpp", "triton")
 _selected: str | None = None
+_warned: set[str] = set()  # the unsupported-GPU reasons already warned about (once per process each)
 
 
 def triton_usable() -> bool:
@@ -27,6 +32,29 @@ def triton_usable() -> bool:
     from limuon_kernels.triton import triton_usable as usable
 
     return usable()
+
+
+def _gpu_problem(device: torch.device) -> str | None:
+    """Why the compiled Triton kernels cannot run on ``device`` (a CUDA device); None if they can, or if
+    that does not apply (no triton, the interpreter runs them, or no CUDA: ``triton_usable`` decides)."""
+    if not _triton_pkg._triton_importable() or _triton_pkg.interpreting() or not torch.cuda.is_available():
+        return None
+    return _triton_pkg.unsupported_gpu_reason(device)
+
+
+def _triton_missing_reason() -> str:
+    """Why ``"triton"`` is not in ``available_backends()``, for error messages."""
+    if not _triton_pkg._triton_importable():
+        return "the triton package is not installed (or fails to import)"
+    if torch.cuda.is_available():
+        return _triton_pkg.unsupported_gpu_reason() or "the current CUDA device is not supported"
+    return "no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors)"
+
+
+def reset_hardware_cache() -> None:
+    """Forget the cached GPU queries and the warnings already given (for tests that fake the GPU)."""
+    _triton_pkg.clear_cache()
+    _warned.clear()
 
 
 def available_backends() -> list[str]:
@@ -44,9 +72,10 @@ def set_backend(name: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r}; expected one of {BACKENDS}")
     if name not in ("auto", *available_backends()):
+        why = _triton_missing_reason() if name == "triton" else _extension.LOAD_ERROR
         raise ValueError(
             f"Backend {name!r} is not available in this process; available: {available_backends()}"
-            + (f" ({_extension.LOAD_ERROR})" if name == "cpp" and _extension.LOAD_ERROR else "")
+            + (f" ({why})" if why else "")
         )
     global _selected
     _selected = name
@@ -68,13 +97,25 @@ def resolve(device: torch.device) -> str:
     if name == "auto":
         if device.type == "cpu":
             return "cpp" if _extension.HAS_C_EXT else "torch"
-        return "triton" if device.type == "cuda" and triton_usable() else "torch"
+        if device.type != "cuda":
+            return "torch"
+        problem = _gpu_problem(device)
+        if problem is not None:
+            if problem not in _warned:
+                _warned.add(problem)
+                warnings.warn(f"limuon: {problem}: using the reference PyTorch kernels", RuntimeWarning,
+                              stacklevel=3)
+            return "torch"
+        return "triton" if triton_usable() else "torch"
     if name == "cpp":
         if not _extension.HAS_C_EXT:
             raise RuntimeError(f"LIMUON backend 'cpp' requested but unavailable: {_extension.LOAD_ERROR}")
         if device.type != "cpu":
             raise RuntimeError(f"LIMUON backend 'cpp' has kernels for CPU tensors only, got a {device.type} tensor")
     if name == "triton":
+        problem = _gpu_problem(device) if device.type == "cuda" else None
+        if problem is not None:
+            raise RuntimeError(f"LIMUON backend 'triton' cannot run on {device}: {problem}")
         if not triton_usable():
             raise RuntimeError(
                 "LIMUON backend 'triton' requested but unavailable: it needs the triton package and a CUDA "

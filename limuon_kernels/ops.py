@@ -1,6 +1,6 @@
 """Every ``limuon::`` op: schema, fake (meta) implementation, reference registration, public wrapper.
 
-One op, three implementations (DESIGN.md §2):
+One op, three implementations (docs/DESIGN.md §2):
   * the reference kernel (``reference.py``), registered here as ``CompositeExplicitAutograd`` so
     it serves every device that has no dedicated kernel;
   * the C++ CPU kernel, registered by ``limuon_kernels._C`` with ``TORCH_LIBRARY_IMPL(limuon, CPU)``;
@@ -20,14 +20,20 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from limuon_kernels import backend, reference
+from limuon_kernels import backend, cpu_features, reference
 from limuon_kernels.ns_coefficients import Coefficients, resolve_coefficients
+from limuon_kernels.ns_method import gram_restarts, resolve_ns_method
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 torch.library.define(
     "limuon::newton_schulz",
     "(Tensor G, float[] coefficients, float eps, float norm_scale, ScalarType? compute_dtype) -> Tensor",
+)
+torch.library.define(
+    "limuon::gram_newton_schulz",
+    "(Tensor G, float[] coefficients, float eps, float norm_scale, ScalarType? compute_dtype, int[] restarts)"
+    " -> Tensor",
 )
 torch.library.define(
     "limuon::rsvd",
@@ -47,13 +53,27 @@ torch.library.define(
 
 torch.library.define("limuon::gaussian_sketch", "(int n, int k, int seed, Device device) -> Tensor")
 
-_OPS = ("gaussian_sketch", "newton_schulz", "rsvd", "storm_update_", "mars_update_", "lowrank_storm", "lowrank_axpby")
+_OPS = (
+    "gaussian_sketch",
+    "newton_schulz",
+    "gram_newton_schulz",
+    "rsvd",
+    "storm_update_",
+    "mars_update_",
+    "lowrank_storm",
+    "lowrank_axpby",
+)
 for _name in _OPS:
     torch.library.impl(f"limuon::{_name}", "CompositeExplicitAutograd")(getattr(reference, _name))
 
 
 @torch.library.register_fake("limuon::newton_schulz")
 def _newton_schulz_fake(G, coefficients, eps, norm_scale, compute_dtype):
+    return torch.empty_like(G, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("limuon::gram_newton_schulz")
+def _gram_newton_schulz_fake(G, coefficients, eps, norm_scale, compute_dtype, restarts):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
@@ -147,6 +167,7 @@ def _check_scalar(value: float, name: str, low: float | None = None, high: float
 # The Triton launcher of each op lives in limuon_kernels/triton/<module>.py, with the reference's signature.
 _TRITON_MODULE = {
     "newton_schulz": "newton_schulz",
+    "gram_newton_schulz": "gram_newton_schulz",
     "rsvd": "rsvd",
     "storm_update_": "storm",
     "mars_update_": "storm",
@@ -188,11 +209,11 @@ def _call(name: str, device: torch.device, *args):
 
 # -- compute dtype of Newton–Schulz per device ----------------------------------------------------
 
-# Why fp32 on CPU: without bf16 matrix instructions, bf16 matmuls are 25–90× slower than fp32
-# (one 768×768 NS5 took 9.4 s in bf16 and 0.10 s in fp32 on such a machine). CPUs with AVX512-BF16
-# or AMX are the exception (bf16 NS was ~4× faster on our EPYC CI machines): users opt in there.
-# GPUs have bf16 tensor cores, and bf16 is what torch.optim.Muon uses.
-_NS_COMPUTE_DTYPE: dict[str, torch.dtype] = {"cpu": torch.float32}
+# CPU: bf16 where the CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX; there torch.optim.Muon's
+# bf16 NS was 3.9–5.7× faster than ours in fp32), else fp32: emulated bf16 matmuls are 25–90× slower
+# (one 768×768 NS5 took 9.4 s in bf16 and 0.10 s in fp32). Decided on first use from what torch reports
+# (cpu_features.py). GPUs have bf16 tensor cores, and bf16 is what torch.optim.Muon uses.
+_NS_COMPUTE_DTYPE: dict[str, torch.dtype] = {}  # the choices of set_ns_compute_dtype, per device type
 _NS_COMPUTE_DTYPE_OTHER = torch.bfloat16
 
 
@@ -204,8 +225,25 @@ def set_ns_compute_dtype(device_type: str, dtype: torch.dtype) -> None:
 
 
 def get_ns_compute_dtype(device: torch.device | str) -> torch.dtype:
-    """Default matmul dtype of Newton–Schulz on ``device``: fp32 on CPU, bf16 elsewhere."""
-    return _NS_COMPUTE_DTYPE.get(torch.device(device).type, _NS_COMPUTE_DTYPE_OTHER)
+    """Default matmul dtype of Newton–Schulz on ``device``: what ``set_ns_compute_dtype`` set, else on CPU
+    bf16 when it has AVX512-BF16 or AMX and fp32 otherwise, bf16 elsewhere (``ns_compute_dtype_reason``)."""
+    kind = torch.device(device).type
+    chosen = _NS_COMPUTE_DTYPE.get(kind)
+    if chosen is not None:
+        return chosen
+    if kind == "cpu":
+        return torch.bfloat16 if cpu_features.has_native_bf16_matmul() else torch.float32
+    return _NS_COMPUTE_DTYPE_OTHER
+
+
+def ns_compute_dtype_reason(device: torch.device | str) -> str:
+    """Why ``get_ns_compute_dtype(device)`` is what it is, in words (``python -m limuon_kernels.info``)."""
+    kind = torch.device(device).type
+    if kind in _NS_COMPUTE_DTYPE:
+        return f"set with set_ns_compute_dtype({kind!r}, ...)"
+    if kind == "cpu":
+        return cpu_features.bf16_matmul_support()[1]
+    return "the default off the CPU: GPU tensor cores multiply bf16, and torch.optim.Muon uses it"
 
 
 # -- public API -----------------------------------------------------------------------------------
@@ -217,6 +255,7 @@ def newton_schulz(
     coefficients: Coefficients = "keller",
     eps: float = 1e-7,
     compute_dtype: torch.dtype | None = None,
+    method: str = "auto",
 ) -> Tensor:
     """Orthogonalise every matrix of ``G: (..., m, n)`` with ``steps`` Newton–Schulz iterations.
 
@@ -224,11 +263,19 @@ def newton_schulz(
     on the side that makes ``A`` min(m, n)², where ``s`` is 1 (``"keller"``) or 1.02
     (``"polar_express"``). ``compute_dtype`` (default: ``get_ns_compute_dtype(G.device)``) is the
     matmul dtype. Returns a contiguous tensor of G's shape and dtype, ≈ U Vᵀ for G = U Σ Vᵀ.
+
+    ``method``: ``"standard"`` (the iteration above), ``"gram"`` (the same polynomial computed on
+    min(m, n)² Gram matrices, fewer flops for wide or tall G; see ``reference.gram_newton_schulz``)
+    or ``"auto"`` (``resolve_ns_method``: Gram where it was measured to be faster on this device).
     """
     _check_matrix(G, "G")
     flat, scale = resolve_coefficients(coefficients, steps)
     _check_scalar(eps, "eps", low=0.0)
+    if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"Invalid compute_dtype: {compute_dtype}; expected float32, float64, bfloat16 or float16")
     dtype = compute_dtype if compute_dtype is not None else get_ns_compute_dtype(G.device)
+    if resolve_ns_method(method, G.shape[-2], G.shape[-1], G.device, dtype) == "gram":
+        return _call("gram_newton_schulz", G.device, G, flat, float(eps), scale, dtype, gram_restarts(steps))
     return _call("newton_schulz", G.device, G, flat, float(eps), scale, dtype)
 
 

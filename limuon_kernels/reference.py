@@ -15,6 +15,36 @@ from torch import Tensor
 # -- Newton–Schulz -------------------------------------------------------------------------------
 
 
+def _ns_input(G: Tensor, eps: float, norm_scale: float, dtype: torch.dtype) -> tuple[Tensor, bool]:
+    """``G: (..., m, n)`` as ``X: (B, p, q)``, p = min(m, n) (transposed when m > n), normalised per matrix.
+
+        X = G / max(norm_scale·‖G‖_F, eps)
+    The norm and the division run in at least fp32 before the cast to ``dtype``: cast first, and an
+    fp16 gradient of 1e-6-sized entries (fp16's smallest normal is 6e-5) would lose its digits.
+    """
+    m, n = G.shape[-2], G.shape[-1]
+    X = G.reshape(-1, m, n)
+    transposed = m > n
+    if transposed:
+        X = X.mT
+    # fp64 input stays fp64, so an fp64 run is fp64 throughout
+    Xf = X.to(torch.promote_types(X.dtype, torch.float32))
+    norms = torch.linalg.vector_norm(Xf, dim=(-2, -1), keepdim=True)
+    return (Xf / (norms * norm_scale).clamp_min(eps)).to(dtype), transposed
+
+
+def _ns_output(X: Tensor, transposed: bool, G: Tensor) -> Tensor:
+    if transposed:
+        X = X.mT
+    return X.to(G.dtype).reshape(G.shape).contiguous()
+
+
+def _sym_poly(A: Tensor, b: float, c: float) -> Tensor:
+    """``b·A + c·A·A``. Not ``baddbmm`` with ``alpha=0``: ATen's CPU baddbmm in bf16/fp16 then returns
+    ``A`` unscaled (torch 2.13), which breaks the classic cubic iteration (c = 0) in half precision."""
+    return A * b if c == 0 else torch.baddbmm(A, A, A, beta=b, alpha=c)
+
+
 def newton_schulz(
     G: Tensor,
     coefficients: Sequence[float],
@@ -29,25 +59,69 @@ def newton_schulz(
         A = X Xᵀ;  B = b·A + c·A·A;  X ← a·X + B·X     (Gram side is min(m, n))
     Matmuls run in ``compute_dtype`` (``None``: G's dtype). Returns a tensor of G's shape and dtype.
     """
-    m, n = G.shape[-2], G.shape[-1]
-    dtype = compute_dtype or G.dtype
-    lead = G.shape[:-2]
-    X = G.reshape(-1, m, n)
-    transposed = m > n
-    if transposed:
-        X = X.mT
-    # Normalise in at least fp32 (fp64 input stays fp64, so an fp64 run is fp64 throughout).
-    Xf = X.to(torch.promote_types(X.dtype, torch.float32))
-    norms = torch.linalg.vector_norm(Xf, dim=(-2, -1), keepdim=True)
-    X = (Xf / (norms * norm_scale).clamp_min(eps)).to(dtype)
+    X, transposed = _ns_input(G, eps, norm_scale, compute_dtype or G.dtype)
     for i in range(0, len(coefficients), 3):
         a, b, c = coefficients[i], coefficients[i + 1], coefficients[i + 2]
         A = torch.bmm(X, X.mT)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
-    if transposed:
-        X = X.mT
-    return X.to(G.dtype).reshape(*lead, m, n).contiguous()
+        X = torch.baddbmm(X, _sym_poly(A, b, c), X, beta=a)
+    return _ns_output(X, transposed, G)
+
+
+def _gram(X: Tensor, state: torch.dtype) -> Tensor:
+    """``X Xᵀ`` in the state dtype; half-precision products are exact in fp32, as on tensor cores."""
+    Xs = X.to(state)
+    return torch.bmm(Xs, Xs.mT)
+
+
+def gram_newton_schulz(
+    G: Tensor,
+    coefficients: Sequence[float],
+    eps: float,
+    norm_scale: float,
+    compute_dtype: torch.dtype | None,
+    restarts: Sequence[int],
+) -> Tensor:
+    """Newton–Schulz on the ``p×p`` Gram matrix (p = min(m, n)): the same iteration as ``newton_schulz``.
+
+    Every iterate is ``X_k = Q_k X_0`` with ``Q_k`` a polynomial in ``R_0 = X_0 X_0ᵀ``, and all those
+    polynomials commute, so with ``p_k(R) = a_k·I + b_k·R + c_k·R²``:
+        R ← X Xᵀ;  Q ← I
+        per iteration:  P = p_k(R);  Q ← P·Q;  R ← R·P²        (p×p only: ~8p³ flops, not 4p²q + 2p³)
+                        (R symmetrised by mirroring its upper triangle; Q kept as computed)
+        after the iterations listed in ``restarts``:  X ← Q·X;  R ← X Xᵀ;  Q ← I
+        result: Q·X
+    R drifts from Q R_0 Q in finite precision, its small eigenvalues (σ², so the condition number is
+    squared) most; a restart recomputes it from X, whose small singular values have grown by then.
+    ``R``, ``P``, ``Q`` are kept in at least fp32 (p×p, cheap); the p×q products take their operands
+    in ``compute_dtype``. The last iteration skips its R update and the first its P·Q product.
+    """
+    steps = len(coefficients) // 3
+    restarts = list(restarts)
+    if restarts != sorted(set(restarts)) or not all(0 < r < steps for r in restarts):
+        raise ValueError(f"restarts must be increasing iteration counts in [1, {steps - 1}], got {restarts}")
+    dtype = compute_dtype or G.dtype
+    state = torch.promote_types(dtype, torch.float32)
+    X, transposed = _ns_input(G, eps, norm_scale, dtype)
+    restart_after = set(restarts)
+    R = _gram(X, state)
+    Q = None  # the identity
+    for k in range(steps):
+        a, b, c = coefficients[3 * k], coefficients[3 * k + 1], coefficients[3 * k + 2]
+        P = _sym_poly(R, b, c)
+        P.diagonal(dim1=-2, dim2=-1).add_(a)
+        Q = P if Q is None else torch.bmm(P, Q)
+        if k + 1 in restart_after:
+            X = torch.bmm(Q.to(dtype), X)
+            R = _gram(X, state)
+            Q = None
+        elif k + 1 < steps:
+            R = torch.bmm(R, torch.bmm(P, P))
+            # R·P² is symmetric only up to rounding; keeping its upper triangle (as the Triton kernel,
+            # which computes only those tiles) halved the fp32 error at condition 1e-3
+            R = R.triu() + R.triu(1).mT
+    if Q is not None:
+        X = torch.bmm(Q.to(dtype), X)
+    return _ns_output(X, transposed, G)
 
 
 # -- Randomized SVD ------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def _split_groups(params, defaults: dict) -> list[dict]:
 
 
 class ReferenceLiMuon:
-    """LiMuon (ALGORITHM.md §2) with the same arguments as ``limuon.LiMuon``.
+    """LiMuon (docs/ALGORITHM.md §2) with the same arguments as ``limuon.LiMuon``.
 
     ``params``: tensors (owned and updated in place by the reference) or param-group dicts.
     Exact mode's second gradient is taken at the previous iterate: the reference keeps a full copy of

@@ -1,5 +1,5 @@
 """Smoke tests of the benchmarks: bench/bench_step.py on a tiny parameter set (every provider, the
-record fields, the optimizer-state accounting of ALGORITHM.md §5), the time budgets of
+record fields, the optimizer-state accounting of docs/ALGORITHM.md §5), the time budgets of
 bench/_common.py (on a fake clock: a slow call is timed once and the record says so; a case too slow
 to start is extrapolated from a smaller one), the plans the scripts print, and bench/report.py
 rendering a results folder (time-boxed rows marked). Timings are not checked: speed is measured by
@@ -39,7 +39,7 @@ F32, BF16, STEP = 4, 2, 4  # bytes per fp32 word, per bf16 word, per step counte
 
 
 def expected_matrix_state(provider: str, m: int, n: int, r: int = bench_step.RANK) -> int:
-    """ALGORITHM.md §5 per m×n matrix, in bytes, plus the step counter where the optimizer keeps one."""
+    """docs/ALGORITHM.md §5 per m×n matrix, in bytes, plus the step counter where the optimizer keeps one."""
     return {
         "adamw": 2 * m * n * F32 + STEP,
         "torch-muon": m * n * F32,

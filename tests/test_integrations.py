@@ -8,7 +8,7 @@ What is checked, and against what:
   current weights); the previous iterate is (rebuilt as ``W_k + bf16(W_{k−1} − W_k)``: equal to the recorded
   ``W_{k−1}`` within half a bf16 ulp of the update) of every parameter (``exact_restore="all"``) or of
   the matrices only, the AdamW-routed parameters staying at ``W_k`` (``"matrices"``); the trained
-  weights match the fp64 reference of ALGORITHM.md (limuon_reference.py) fed the same batches, within
+  weights match the fp64 reference of docs/ALGORITHM.md (limuon_reference.py) fed the same batches, within
   ``RTOL_EXACT`` (tests/test_limuon.py explains that value: the fp32 and fp64 runs round some update
   entries to neighbouring bf16 values).
 * The Trainer's run (gradient clipping, linear lr schedule applied to ``lr`` and ``adamw_lr``, zero_grad,

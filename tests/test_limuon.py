@@ -450,7 +450,7 @@ def test_exact_mode_last_update_is_bf16_previous_step():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("rank", [None, 2])
 def test_persistent_state_size(mode, rank):
-    """ALGORITHM.md §5: mn words for Option #1, r(m+n+1) for Option #2; AdamW params 2·numel; plus, in
+    """docs/ALGORITHM.md §5: mn words for Option #1, r(m+n+1) for Option #2; AdamW params 2·numel; plus, in
     exact mode only, the bf16 restore buffer (numel, 2 bytes each) of every parameter (exact_restore="all":
     the AdamW-routed ones too)."""
     model = make_model()

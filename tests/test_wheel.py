@@ -325,6 +325,7 @@ def test_sdist_holds_what_the_build_needs_and_builds_the_same_wheel(sdist, sourc
     csrc = {p.relative_to(source).as_posix() for p in (source / "csrc").rglob("*") if p.is_file()}
     assert csrc and csrc <= names
     assert {"setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "PKG-INFO"} <= names
+    assert {"docs/ALGORITHM.md", "docs/DESIGN.md"} <= names  # the pages the code's comments cite
     assert VERSION_FILE not in names  # written when a wheel is built, for the torch it is built against
     assert {f"python/{n}" if n.startswith("limuon/") else n for n in _expected_modules(source)} <= names
     for name in names:

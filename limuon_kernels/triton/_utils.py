@@ -1,6 +1,6 @@
 """Launch helpers shared by the kernel modules of ``limuon_kernels.triton``.
 
-Nothing here queries the GPU driver at import time (DESIGN.md §6).
+Nothing here queries the GPU driver at import time (docs/DESIGN.md §6).
 """
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def _lowrank_kernel(
     for k0 in range(0, R, BLOCK_R):
         kk = k0 + rk
         k_mask = kk < R
-        # Upcast right after every load: the interpreter holds bf16 as raw uint16 (DESIGN.md §6).
+        # Upcast right after every load: the interpreter holds bf16 as raw uint16 (docs/DESIGN.md §6).
         u = tl.load(
             u_base + rm[:, None] * stride_um + kk[None, :] * stride_ur,
             mask=m_mask[:, None] & k_mask[None, :],

@@ -10,19 +10,19 @@ strides, never copied):
 Frobenius normalisation: ``_sumsq_kernel`` writes per-matrix partial sums of squares of G (a small,
 deterministic reduction over fixed chunks; no atomics). The first ``_gram_kernel`` and the first
 ``_ns_update_kernel`` reduce those partials to the per-matrix scale ``s = 1/max(norm_scale·‖G‖_F, eps)``
-themselves and apply it in their epilogues (``A = s²·G Gᵀ``, ``X₁ = s·(a·G + B·G)``), so no normalised
-copy of X is ever written. The last iteration writes the result in G's dtype and layout, or, in
+themselves and multiply every tile of G they load by it in fp32, before the cast to the dot dtype
+(``A = (sG)(sG)ᵀ``, ``X₁ = a·sG + B·sG``), so no normalised copy of X is ever written and an fp16
+compute dtype never sees G's own scale. The last iteration writes the result in G's dtype and layout, or, in
 ``newton_schulz_apply_``, applies the parameter update ``W ← W(1 − lr·wd) − lr·scale·X`` instead.
 
 Matmul operands are in ``compute_dtype`` (the dtype of the A/B/X buffers), accumulation in fp32;
 coefficients, eps and lr are runtime arguments (no recompiles when they change). Offsets within one
-matrix are int32 (m·n < 2³¹), batch offsets int64. Because the scale is applied in epilogues, the
-first products see G itself in compute_dtype: fine for bf16 (fp32's range); with fp16 G's entries
-must lie in fp16's range (no default uses fp16). compute_dtype=float64 runs the reference.
+matrix are int32 (m·n < 2³¹), batch offsets int64. compute_dtype=float64 runs the reference.
 
 Under the interpreter (``TRITON_INTERPRET=1``, CPU tensors) every loaded value is upcast to fp32
-first, and the matmuls run in fp32 on values that were stored in compute_dtype: the interpreter
-holds bf16 as raw uint16, so bf16 arithmetic and ``tl.dot`` on bf16 would be silently wrong there.
+first, and the matmuls run in fp32 on operands rounded to compute_dtype as a GPU's cast would round
+them: the interpreter holds bf16 as raw uint16, so bf16 arithmetic and ``tl.dot`` on bf16 would be
+silently wrong there.
 """
 
 from __future__ import annotations
@@ -50,19 +50,40 @@ def _load(ptrs, mask, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rne_bf16(x):
+    # fp32 x rounded to the nearest bf16 (ties to even), still as fp32
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _cast_out(x, dst_ty: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST and dst_ty == tl.bfloat16:
         # the interpreter converts fp32 → bf16 by truncation (biased, twice the rounding error of a
         # GPU); round to nearest even here so that the tests see the errors a GPU makes
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
+        x = _rne_bf16(x)
     return x.to(dst_ty)
 
 
 @triton.jit
+def _round_as(x, dst_ty: tl.constexpr):
+    # the value x takes in dst_ty, held in fp32: what the interpreter uses in place of a cast
+    if dst_ty == tl.bfloat16:
+        return _rne_bf16(x)
+    elif dst_ty == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
 def _mma(a, b, acc, DOT_TY: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    if not UPCAST:
+    if UPCAST:
+        # fp32 operands rounded as a GPU would cast them: tests then see the same rounding errors
+        a = _round_as(a, DOT_TY)
+        b = _round_as(b, DOT_TY)
+    else:
         a = a.to(DOT_TY)
         b = b.to(DOT_TY)
     return tl.dot(a, b, acc, input_precision=PRECISION)
@@ -123,16 +144,18 @@ def _gram_kernel(
     xi_ptrs = x_base + (offs_i % P)[:, None] * stride_xr + offs_k[None, :] * stride_xc
     xj_ptrs = x_base + (offs_j % P)[:, None] * stride_xr + offs_k[None, :] * stride_xc
     acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+    if NORMALIZE:
+        s = _inv_norm(partial_ptr, bid, n_part, norm_scale, eps, 128)
     for k in range(0, Q, BLOCK_K):
         k_mask = offs_k[None, :] < Q - k
         xi = _load(xi_ptrs, k_mask, UPCAST)
         xj = _load(xj_ptrs, k_mask, UPCAST)
+        if NORMALIZE:  # scale in fp32 before the cast to the dot dtype (fp16 G of 1e-7 is subnormal)
+            xi = xi.to(tl.float32) * s
+            xj = xj.to(tl.float32) * s
         acc = _mma(xi, tl.trans(xj), acc, A_ptr.dtype.element_ty, UPCAST, PRECISION)
         xi_ptrs += BLOCK_K * stride_xc
         xj_ptrs += BLOCK_K * stride_xc
-    if NORMALIZE:
-        s = _inv_norm(partial_ptr, bid, n_part, norm_scale, eps, 128)
-        acc = acc * (s * s)
     out = _cast_out(acc, A_ptr.dtype.element_ty, UPCAST)
     a_base = A_ptr + bid * P * P
     mask = (offs_i[:, None] < P) & (offs_j[None, :] < P)
@@ -193,17 +216,20 @@ def _ns_update_kernel(
     b_ptrs = b_base + (offs_m % P)[:, None] * P + offs_k[None, :]
     x_ptrs = x_base + offs_k[:, None] * stride_xr + (offs_n % Q)[None, :] * stride_xc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    s = 1.0
+    if NORMALIZE:
+        s = _inv_norm(partial_ptr, bid, n_part, norm_scale, eps, 128)
     for k in range(0, P, BLOCK_K):
         bt = _load(b_ptrs, offs_k[None, :] < P - k, UPCAST)
         xt = _load(x_ptrs, offs_k[:, None] < P - k, UPCAST)
+        if NORMALIZE:  # scale in fp32 before the cast to the dot dtype, as in _gram_kernel
+            xt = xt.to(tl.float32) * s
         acc = _mma(bt, xt, acc, B_ptr.dtype.element_ty, UPCAST, PRECISION)
         b_ptrs += BLOCK_K
         x_ptrs += BLOCK_K * stride_xr
     mask = (offs_m[:, None] < P) & (offs_n[None, :] < Q)
     x_ij = _load(x_base + offs_m[:, None] * stride_xr + offs_n[None, :] * stride_xc, mask, UPCAST)
-    out = acc + coef_a * x_ij.to(tl.float32)
-    if NORMALIZE:
-        out = out * _inv_norm(partial_ptr, bid, n_part, norm_scale, eps, 128)
+    out = acc + coef_a * (x_ij.to(tl.float32) * s)
     y_ptrs = Y_ptr + bid * stride_yb + offs_m[:, None] * stride_yr + offs_n[None, :] * stride_yc
     if APPLY:
         w = _load(y_ptrs, mask, UPCAST).to(tl.float32)
@@ -240,7 +266,13 @@ def _interpreted() -> bool:
 
 def _arch_key(device: torch.device) -> int:
     # the sm_90 list needs up to 147 KB of shared memory: H100/H200 and B200 (major 9, 10) have 227 KB;
-    # Ampere, Ada and consumer Blackwell (major 12, ~100 KB) get the lean list
+    # Ampere, Ada and consumer Blackwell (major 12, ~100 KB) get the lean list. A ROCm GPU reports a
+    # capability too (MI300: 9.4), which says nothing about NVIDIA shared memory: refused, as is < sm_80.
+    from limuon_kernels.triton import unsupported_gpu_reason
+
+    reason = unsupported_gpu_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"limuon: {reason}")
     major, _ = torch.cuda.get_device_capability(device)
     return 90 if major in (9, 10) else 80
 

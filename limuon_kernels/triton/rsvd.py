@@ -79,7 +79,7 @@ def _sketch_kernel(
     a_ptrs = m_ptr + b * stride_mb + rm[:, None] * stride_mm + rj[None, :].to(tl.int64) * stride_mn
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for j0 in range(0, N, BLOCK_N):
-        # Upcast right after the load: the interpreter holds bf16 as raw uint16 (DESIGN.md §6).
+        # Upcast right after the load: the interpreter holds bf16 as raw uint16 (docs/DESIGN.md §6).
         # Columns past n load as 0, so the Ω rows drawn for them contribute nothing.
         a = tl.load(a_ptrs, mask=m_mask[:, None] & (j0 + rj < N)[None, :], other=0.0).to(tl.float32)
         omega = _omega_tile(seed, j0 + rj, pid_k.to(tl.int64) * (BLOCK_K // 4), BLOCK_K)

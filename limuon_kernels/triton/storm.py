@@ -68,7 +68,7 @@ def _storm_kernel(
     # (Without WRITE_NS the whole tensor is one "matrix".)
     pid, offs, mask = _matrix_block(mat_numel, BLOCK_SIZE)
     mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
-    # Upcast right after the load: the interpreter holds bf16 as raw uint16 (DESIGN.md §6).
+    # Upcast right after the load: the interpreter holds bf16 as raw uint16 (docs/DESIGN.md §6).
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
     g_new = tl.load(g_new_ptr + offs, mask=mask, other=0.0).to(ACC)
     g_old = tl.load(g_old_ptr + offs, mask=mask, other=0.0).to(ACC)
