@@ -1,6 +1,6 @@
 """Training quality: a small GPT trained with AdamW, Muon and LiMuon on the same data, steps and schedule.
 
-The paper's claim (ALGORITHM.md §6) is LiMuon #1 < Muon < AdamW in validation loss at equal steps,
+The paper's claim (docs/ALGORITHM.md §6) is LiMuon #1 < Muon < AdamW in validation loss at equal steps,
 and LiMuon #2 close to Muon with far less optimizer state. This benchmark checks it at small scale,
 and also at equal *gradient evaluations*: exact LiMuon (the paper's algorithm) spends two
 forward/backward passes per step after the first, so at equal compute it has done half the steps.
@@ -355,7 +355,9 @@ def train(
     torch.manual_seed(cfg.seed)
     model = GPT(cfg).to(dev)
     opt = make_optimizer(model, spec, lr, adamw_lr, cfg.seed, momentum)
-    bases = [{k: g[k] for k in ("lr", "adamw_lr") if g.get(k) is not None} for g in opt.param_groups]
+    # Only "lr" is scheduled: Muon/LiMuon scale adamw_lr by lr / lr_at_creation themselves, so
+    # scheduling adamw_lr here too would apply the factor twice to the AdamW-routed parameters.
+    bases = [{"lr": g["lr"]} for g in opt.param_groups]
     starts = train_batch_starts(train_data.numel(), full_cfg)[: cfg.steps]
     vstarts = val_batch_starts(val_data.numel(), cfg)
     evals_at = eval_steps(cfg)
@@ -410,6 +412,35 @@ def train(
             if out[-1]["diverged"]:
                 break
     return out
+
+
+def run_seconds(cfg: Config, names: list[str], lrs: dict[str, list[float]], train_data: Tensor,
+                val_data: Tensor, dev: torch.device, probe_steps: int = 4) -> dict[str, float]:
+    """Seconds one training run of each optimizer in ``names`` will take: a ``probe_steps``-step run
+    of each gives its median step time and (the rest of that run's wall time, per evaluation) the
+    evaluation time, scaled to the setting's steps and evaluations. A run of each lr costs the same."""
+    out = {}
+    probe_steps = max(1, min(probe_steps, cfg.steps))
+    probe = dataclasses.replace(cfg, steps=probe_steps, eval_every=probe_steps)
+    for key in names:
+        spec = SPECS[key]
+        t0 = time.perf_counter()
+        curve = train(probe, train_data, val_data, spec, lrs[spec.sweep][0], lrs["adamw"][0], dev)
+        step_s = curve[-1]["median_ms"] / 1e3
+        eval_s = max(0.0, time.perf_counter() - t0 - probe_steps * step_s) / len(curve)
+        run = dataclasses.replace(cfg, steps=cfg.steps // 2) if spec.half_steps else cfg
+        out[key] = run.steps * step_s + len(eval_steps(run)) * eval_s
+    return out
+
+
+def cpu_threads(threads: int | None, dev: torch.device) -> None:
+    """torch's intra-op threads: ``threads`` if given, else 1 on a busy CPU (other processes hold the
+    cores: spinning OpenMP threads then cost far more than they give), else torch's default."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif dev.type == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        torch.set_num_threads(1)
+        log(f"# load average {os.getloadavg()[0]:.1f}: running on 1 thread (--threads to choose)")
 
 
 # -- summary --------------------------------------------------------------------------------------
@@ -558,12 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     lrs["exact"] = parse_lrs(args.exact_lrs) or lrs["exact"]
 
     dev = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    elif dev.type == "cpu" and os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
-        # Other processes hold the cores: spinning OpenMP threads then cost far more than they give.
-        torch.set_num_threads(1)
-        log(f"# load average {os.getloadavg()[0]:.1f}: running on 1 thread (--threads to choose)")
+    cpu_threads(args.threads, dev)
     meta = {**run_meta(dev, args.quick), "bench": "train"}
     train_data, val_data, data_info = load_corpus()
     case = {"name": cfg.name(), **dataclasses.asdict(cfg), "warmup_steps": cfg.warmup,
@@ -574,6 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# data: {data_info['files_train']} train files ({data_info['bytes_train'] / 1e6:.1f} MB), "
           f"{data_info['files_val']} val files ({data_info['bytes_val'] / 1e6:.1f} MB), python {data_info['python']}")
     print(f"# model: {case['params'] / 1e6:.2f} M params | lr sweeps: {lrs}")
+    n_runs = sum(len(lrs[SPECS[k].sweep]) for k in names)
+    per_run = run_seconds(cfg, names, lrs, train_data, val_data, dev)
+    est = sum(len(lrs[SPECS[k].sweep]) * s for k, s in per_run.items())
+    print(f"# plan: train takes about {est / 60:.1f} min on this device ({n_runs} runs, estimated from a "
+          "few-step probe of each optimizer)", flush=True)
 
     start = time.perf_counter()
     runs: list[dict] = []
