@@ -138,7 +138,7 @@ def timing_notes(labelled: Iterable[tuple[str, Record]]) -> list[str]:
     """One line per marked record saying what its time is, then a blank line (none when nothing is marked)."""
     out = []
     for label, r in labelled:
-        budget = f"its {r.get('budget_s', 0):g} s budget"
+        budget = "its budget" if r.get("budget_s") is None else f"its {r['budget_s']:g} s budget"
         if r.get("extrapolated"):
             out.append(f"- ‡ {label}: not run, it would exceed {budget}; extrapolated from "
                        f"{r.get('measured_case')} ({fmt_ms(r.get('measured_ms'))} ms, timed once)")

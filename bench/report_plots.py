@@ -35,7 +35,9 @@ def plot_kernels(results: dict, path: Path, plt: Any) -> bool:
         ticks: dict[int, list[str]] = {}
         metric = ""
         for d, (dev, recs) in enumerate(runs):
-            mine = [r for r in recs if r.get("op") == op and r.get("value") is not None]
+            # (a record over a set of shapes, as the --ns-methods rows' whole-model totals, has no one size)
+            mine = [r for r in recs if r.get("op") == op and r.get("value") is not None
+                    and all(isinstance(d, int) for d in r.get("shape", ()))]
             for provider in unique(r.get("provider") for r in mine):
                 pts = [(math.prod(r["shape"]), r) for r in mine if r["provider"] == provider]
                 pts.sort(key=lambda p: p[0])
