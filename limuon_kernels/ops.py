@@ -20,9 +20,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from limuon_kernels import backend, cpu_features, reference
+from limuon_kernels import backend, cpu_features, reference, reference_fused
 from limuon_kernels.ns_coefficients import Coefficients, resolve_coefficients
 from limuon_kernels.ns_method import gram_restarts, resolve_ns_method
+from limuon_kernels.seeds import derive_seed
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -183,23 +184,31 @@ def _triton_kernel(name: str):
     return getattr(module, name)
 
 
+def _reference_kernel(name: str):
+    return getattr(reference, name) if hasattr(reference, name) else getattr(reference_fused, name)
+
+
 def _cuda_kernel(name: str):
     def run(*args):
-        impl = _triton_kernel(name) if backend.triton_usable() else getattr(reference, name)
+        impl = _triton_kernel(name) if backend.triton_usable() else _reference_kernel(name)
         return impl(*args)
 
     run.__name__ = f"{name}_cuda"
     return run
 
 
-for _name in _TRITON_MODULE:
-    torch.library.impl(f"limuon::{_name}", "CUDA")(_cuda_kernel(_name))
+def register_cuda_kernels(names: Iterable[str]) -> None:
+    for name in names:
+        torch.library.impl(f"limuon::{name}", "CUDA")(_cuda_kernel(name))
+
+
+register_cuda_kernels(_TRITON_MODULE)
 
 
 def _call(name: str, device: torch.device, *args):
     which = backend.resolve(device)
     if which == "torch":
-        return getattr(reference, name)(*args)
+        return _reference_kernel(name)(*args)
     if which == "triton" and device.type != "cuda":
         return _triton_kernel(name)(*args)  # CPU tensors under the Triton interpreter
     # Through the dispatcher: the C++ kernel for CPU tensors, the Triton kernel for CUDA tensors,
@@ -277,24 +286,6 @@ def newton_schulz(
     if resolve_ns_method(method, G.shape[-2], G.shape[-1], G.device, dtype) == "gram":
         return _call("gram_newton_schulz", G.device, G, flat, float(eps), scale, dtype, gram_restarts(steps))
     return _call("newton_schulz", G.device, G, flat, float(eps), scale, dtype)
-
-
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def derive_seed(*keys: int) -> int:
-    """A well-mixed non-negative int63 seed from integer keys (e.g. seed, parameter index, step)."""
-    h = 0
-    for k in keys:
-        h = _splitmix64(h ^ (int(k) & _MASK64))
-    return h >> 1
 
 
 def _is_index(x: object) -> bool:

@@ -60,11 +60,16 @@ def newton_schulz(
     Matmuls run in ``compute_dtype`` (``None``: G's dtype). Returns a tensor of G's shape and dtype.
     """
     X, transposed = _ns_input(G, eps, norm_scale, compute_dtype or G.dtype)
+    return _ns_output(ns_iterate(X, coefficients), transposed, G)
+
+
+def ns_iterate(X: Tensor, coefficients: Sequence[float]) -> Tensor:
+    """The iterations of ``newton_schulz`` on a normalised ``X: (B, p, q)``, p ≤ q, in X's dtype."""
     for i in range(0, len(coefficients), 3):
         a, b, c = coefficients[i], coefficients[i + 1], coefficients[i + 2]
         A = torch.bmm(X, X.mT)
         X = torch.baddbmm(X, _sym_poly(A, b, c), X, beta=a)
-    return _ns_output(X, transposed, G)
+    return X
 
 
 def _gram(X: Tensor, state: torch.dtype) -> Tensor:
@@ -95,13 +100,19 @@ def gram_newton_schulz(
     ``R``, ``P``, ``Q`` are kept in at least fp32 (p×p, cheap); the p×q products take their operands
     in ``compute_dtype``. The last iteration skips its R update and the first its P·Q product.
     """
+    dtype = compute_dtype or G.dtype
+    X, transposed = _ns_input(G, eps, norm_scale, dtype)
+    return _ns_output(gram_ns_iterate(X, coefficients, restarts), transposed, G)
+
+
+def gram_ns_iterate(X: Tensor, coefficients: Sequence[float], restarts: Sequence[int]) -> Tensor:
+    """The iterations of ``gram_newton_schulz`` on a normalised ``X: (B, p, q)``, p ≤ q, in X's dtype."""
     steps = len(coefficients) // 3
     restarts = list(restarts)
     if restarts != sorted(set(restarts)) or not all(0 < r < steps for r in restarts):
         raise ValueError(f"restarts must be increasing iteration counts in [1, {steps - 1}], got {restarts}")
-    dtype = compute_dtype or G.dtype
+    dtype = X.dtype
     state = torch.promote_types(dtype, torch.float32)
-    X, transposed = _ns_input(G, eps, norm_scale, dtype)
     restart_after = set(restarts)
     R = _gram(X, state)
     Q = None  # the identity
@@ -121,7 +132,7 @@ def gram_newton_schulz(
             R = R.triu() + R.triu(1).mT
     if Q is not None:
         X = torch.bmm(Q.to(dtype), X)
-    return _ns_output(X, transposed, G)
+    return X
 
 
 # -- Randomized SVD ------------------------------------------------------------------------------
