@@ -23,10 +23,10 @@ class ParamSpec:
     role: str
 
 
-def gpt2_specs(layers: int) -> list[ParamSpec]:
-    """GPT-2's parameters (HF names and Conv1D in×out layout) with ``layers`` blocks; LM head tied to wte."""
-    d = D_MODEL
-    specs = [ParamSpec("wte", (VOCAB, d), "embedding"), ParamSpec("wpe", (CONTEXT, d), "embedding")]
+def gpt2_specs(layers: int, d: int = D_MODEL, vocab: int = VOCAB, context: int = CONTEXT) -> list[ParamSpec]:
+    """GPT-2's parameters (HF names and Conv1D in×out layout) with ``layers`` blocks; LM head tied to wte.
+    ``d``, ``vocab``, ``context``: GPT-2 small's by default (smaller ones keep the structure: op counts)."""
+    specs = [ParamSpec("wte", (vocab, d), "embedding"), ParamSpec("wpe", (context, d), "embedding")]
     for i in range(layers):
         h = f"h.{i}"
         specs += [ParamSpec(f"{h}.ln_1.weight", (d,), "vector"), ParamSpec(f"{h}.ln_1.bias", (d,), "vector")]

@@ -51,12 +51,11 @@ larger when an entry is a slice of a bigger buffer, e.g. LiMuon's ``S``, the fir
 ``peak_bytes`` (CUDA only) is ``torch.cuda.max_memory_allocated`` over one untimed step, which
 includes the parameters, the gradients (two sets in exact mode) and the state;
 ``peak_step_extra_bytes`` is that peak minus what was allocated before the step (the step's
-transient workspace). On CPU both are null: torch's CPU allocator keeps no peak counter,
-tracemalloc does not see its allocations, and the process RSS high-water mark is neither per
-optimizer nor resettable.
+transient workspace). On CPU both are null (torch's CPU allocator keeps no peak counter).
+``ops_per_step`` / ``host_reads_per_step``: the ops one steady-state step dispatches and how many read a
+value back to the host, on GPT-2 small's parameter set at a tiny width on the same device (_op_count.py).
 
-Newton–Schulz on CPU runs in fp32 by default (~70 ms per 768×768 matrix on a 2-core EPYC), so a
-GPT-2-small step takes 10 s or more there. ``--quick`` on CPU therefore keeps DistilGPT2's first 2
+A GPT-2-small step takes seconds on a CPU (Newton–Schulz-bound). ``--quick`` on CPU keeps DistilGPT2's first 2
 of its 6 layers (with the full embeddings), and says so in ``case``; on CUDA ``--quick`` is all of
 DistilGPT2. Results go to ``bench/results/step-<device>-<date>.json`` (one list of records per run);
 each record keeps the 1-minute load average (``loadavg_1m``), since CPU timings share the cores.
@@ -95,6 +94,7 @@ from _common import (
     warn_if_loaded,
     write_records,
 )
+from _op_count import count_step
 from _step_support import D_MODEL, MODELS, GradFeeder, ParamSpec, gpt2_specs, state_bytes
 from torch import Tensor
 from torch.optim import Optimizer
@@ -320,7 +320,7 @@ def cases(models: list[str], layers: int | None, quick: bool, cuda: bool) -> lis
 
 def print_table(records: list[dict]) -> None:
     head = ("case", "optimizer", "grads", "median ms", "p20", "p80", "closure ms", "state MB", "vs AdamW",
-            "matrices MB", "peak MB", "timing")  # fmt: skip
+            "matrices MB", "peak MB", "ops", "host reads", "timing")  # fmt: skip
     adamw = {r["case"]: r["state_bytes"] for r in records if r["provider_id"] == "adamw"}
     rows = []
     for r in records:
@@ -330,7 +330,7 @@ def print_table(records: list[dict]) -> None:
         times = [f"{r[k]:.1f}" for k in ("median_ms", "p20_ms", "p80_ms")]
         note = "timeboxed, " * r["timeboxed"] + ("extrapolated" if r["extrapolated"] else f"{r['timed_steps']} steps")
         rows.append((r["case"], r["provider"], str(r["grad_evals"]), *times, f"{r['closure_ms']:.3f}", mb[0], ratio,
-                     mb[1], peak, note))  # fmt: skip
+                     mb[1], peak, str(r["ops_per_step"]), str(r["host_reads_per_step"]), note))  # fmt: skip
     print(format_table(head, rows, n_left=2))
 
 
@@ -382,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.empty_cache()
             log(f"  [{time.perf_counter() - start:6.1f}s] {case:<28} {PROVIDERS[provider]:<24}", "")
             rec = bench_provider(provider, specs, dev, quick=args.quick, rank=args.rank)
-            log(f" {rec['median_ms']:9.1f} ms{timing_note(rec)}")
+            ops = count_step(build, provider, args.rank, str(dev))  # (GPT-2 small's parameter set, tiny width)
+            rec.update(ops_per_step=ops.total, host_reads_per_step=ops.host_reads)
+            log(f" {rec['median_ms']:9.1f} ms{timing_note(rec)}, {ops.total} ops, {ops.host_reads} host reads")
             records.append({**meta, "case": case, "model": model, "layers": layers, "model_layers": MODELS[model],
                             **rec, "loadavg_1m_end": os.getloadavg()[0]})  # fmt: skip
     print_table(records)

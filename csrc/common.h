@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/BFloat16-math.h>
 #include <c10/util/bit_cast.h>
 
@@ -175,5 +176,101 @@ struct Lanes {
     }
   }
 };
+
+// -- tiles staged in the compute type (csrc/cpu/fused_momentum.cpp, fused_ns_update.cpp) ----------
+// A kernel that reads operands of several storage dtypes works on tiles of their compute type
+// opmath_t: fp32/fp64 storage is used in place, bf16/fp16 is converted into a small buffer on the way in
+// and rounded (to nearest even) once on the way out.
+
+// A contiguous tensor's storage, read and written in tiles of its compute type.
+struct Buffer {
+  void* ptr = nullptr;  // null: absent
+  at::ScalarType dtype = at::kFloat;
+};
+
+inline Buffer buffer_of(const at::Tensor& t) { return {t.data_ptr(), t.scalar_type()}; }
+
+template <typename T, typename opmath_t>
+void load_as(const T* src, opmath_t* dst, int64_t count) {
+  using L = Lanes<T>;
+  int64_t i = 0;
+  for (; i + L::kStep <= count; i += L::kStep) {
+    typename L::Vec lo, hi;
+    L::load(src + i, lo, hi);
+    lo.store(dst + i);
+    hi.store(dst + i + L::kWidth);
+  }
+  for (; i < count; ++i) {
+    dst[i] = static_cast<opmath_t>(src[i]);
+  }
+}
+
+template <typename T, typename opmath_t>
+void store_as(const opmath_t* src, T* dst, int64_t count) {
+  using L = Lanes<T>;
+  int64_t i = 0;
+  for (; i + L::kStep <= count; i += L::kStep) {
+    L::store(dst + i, L::Vec::loadu(src + i), L::Vec::loadu(src + i + L::kWidth));
+  }
+  for (; i < count; ++i) {
+    dst[i] = static_cast<T>(src[i]);
+  }
+}
+
+template <typename opmath_t>
+bool holds(const Buffer& b) {
+  return b.dtype == c10::CppTypeToScalarType<opmath_t>::value;
+}
+
+// Elements [off, off + count) of b as opmath_t: b itself when it holds opmath_t, else converted into tmp.
+template <typename opmath_t>
+const opmath_t* read_tile(const Buffer& b, int64_t off, int64_t count, opmath_t* tmp) {
+  if (holds<opmath_t>(b)) {
+    return static_cast<const opmath_t*>(b.ptr) + off;
+  }
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    if (b.dtype == at::kBFloat16) {
+      load_as(static_cast<const c10::BFloat16*>(b.ptr) + off, tmp, count);
+      return tmp;
+    }
+    if (b.dtype == at::kHalf) {
+      load_as(static_cast<const c10::Half*>(b.ptr) + off, tmp, count);
+      return tmp;
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "limuon: no ", b.dtype, " operand in a ", c10::CppTypeToScalarType<opmath_t>::value,
+                        " kernel");
+  return nullptr;
+}
+
+// Where to compute the tile of b at off: in b when it holds opmath_t, else in tmp (then write_tile).
+template <typename opmath_t>
+opmath_t* out_tile(const Buffer& b, int64_t off, opmath_t* tmp) {
+  return holds<opmath_t>(b) ? static_cast<opmath_t*>(b.ptr) + off : tmp;
+}
+
+template <typename opmath_t>
+void write_tile(const Buffer& b, int64_t off, int64_t count, const opmath_t* tile) {
+  if (holds<opmath_t>(b)) {
+    return;  // computed in place
+  }
+  if constexpr (std::is_same_v<opmath_t, float>) {
+    if (b.dtype == at::kBFloat16) {
+      return store_as(tile, static_cast<c10::BFloat16*>(b.ptr) + off, count);
+    }
+    if (b.dtype == at::kHalf) {
+      return store_as(tile, static_cast<c10::Half*>(b.ptr) + off, count);
+    }
+  }
+  TORCH_INTERNAL_ASSERT(false, "limuon: no ", b.dtype, " output in a ", c10::CppTypeToScalarType<opmath_t>::value,
+                        " kernel");
+}
+
+// The Newton–Schulz iterations on a normalised X (B, p, q), p ≤ q, in X's dtype (csrc/cpu/newton_schulz.cpp),
+// shared by limuon::newton_schulz / gram_newton_schulz and the fused limuon::newton_schulz_update_.
+// gram_ns_iterate checks `restarts` and names `op` in its error.
+at::Tensor ns_iterate(at::Tensor X, at::ArrayRef<double> coefficients);
+at::Tensor gram_ns_iterate(at::Tensor X, at::ArrayRef<double> coefficients, at::IntArrayRef restarts,
+                           const char* op);
 
 }  // namespace limuon

@@ -4,9 +4,10 @@ One bucket of ``B`` same-shape matrices goes through (docs/DESIGN.md §3):
     momentum_ns_input_ / lowrank_momentum_ns_input   momentum, Newton–Schulz input X and ‖X‖² per matrix
     newton_schulz_update_                           NS from those norms; its last step updates W
     rsvd_update_                                    (Option #2) the new momentum compressed to rank r
-Their math is in ``reference_fused.py``; the C++ kernels (CPU) are in ``csrc/cpu/fused_step.cpp``, the
-Triton kernels (CUDA) in ``limuon_kernels/triton/fused_step.py``. Each takes an optional ``skip`` (a 0-d
-tensor: nonzero → nothing is written), so a step with a non-finite gradient is skipped on the device.
+Their math is in ``reference_fused.py``; the C++ kernels (CPU) are in ``csrc/cpu/fused_momentum.cpp`` and
+``fused_ns_update.cpp``, the Triton kernels (CUDA) in ``limuon_kernels/triton/fused_step.py``. Each takes an
+optional ``skip`` (a 0-d tensor: nonzero → nothing is written), so a step with a non-finite gradient is skipped
+on the device.
 """
 
 from __future__ import annotations
@@ -37,21 +38,23 @@ ops._TRITON_MODULE.update({name: "fused_step" for name in _DEFS})
 ops.register_cuda_kernels(_DEFS)
 
 
-def _norm_dtype(g: Tensor) -> torch.dtype:
-    return torch.float64 if g.dtype == torch.float64 else torch.float32
+def _norm_dtype(*read: Tensor | None) -> torch.dtype:
+    """The dtype of sqnorm: fp64 when any operand the op reads is fp64 (its arithmetic is fp64 then)."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in read) else torch.float32
 
 
 @torch.library.register_fake("limuon::momentum_ns_input_")
 def _momentum_fake(buf, g, g_old, coefficients, x_dtype, skip):
     X = torch.empty(g.shape, dtype=x_dtype, device=g.device)
-    return X, g.new_empty(g.shape[:-2], dtype=_norm_dtype(g))
+    return X, g.new_empty(g.shape[:-2], dtype=_norm_dtype(g, g_old, buf if coefficients[0] != 0 else None))
 
 
 @torch.library.register_fake("limuon::lowrank_momentum_ns_input")
 def _lowrank_fake(U, S, V, g, g_old, coefficients, x_dtype):
     buf = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     X = torch.empty(g.shape, dtype=x_dtype, device=g.device)
-    return buf, X, g.new_empty(g.shape[:-2], dtype=_norm_dtype(g))
+    factors = (U, S, V) if coefficients[0] != 0 else ()
+    return buf, X, g.new_empty(g.shape[:-2], dtype=_norm_dtype(g, g_old, *factors))
 
 
 @torch.library.register_fake("limuon::newton_schulz_update_")
@@ -100,6 +103,9 @@ def momentum_ns_input_(buf: Tensor, g: Tensor, g_old: Tensor | None, coefficient
     fp32). ``buf`` is not read when α = 0; nothing is written to it when ``skip`` is nonzero.
     See ``reference_fused.momentum_ns_input_`` for the coefficients of each LiMuon mode.
     """
+    if g.dim() >= 3 and g.numel() == 0:  # (a rank holding no matrix, or no rows of them, under FSDP2)
+        norm_dtype = _norm_dtype(g, g_old, buf if float(coefficients[0]) != 0 else None)
+        return torch.empty(g.shape, dtype=x_dtype, device=g.device), g.new_zeros(g.shape[:-2], dtype=norm_dtype)
     _check_matrix(g, "g")
     _check_same(buf, g, "buf", "g")
     if g_old is not None:
@@ -146,6 +152,8 @@ def newton_schulz_update_(X: Tensor, sqnorm: Tensor, W: Sequence[Tensor], lr: Te
     the restart points of Gram NS. ``W[j]`` holds consecutive matrices of the batch; ``lr`` may be a 0-d
     tensor (no recompile, no host read when a schedule changes it). Nothing is written when ``skip`` is set.
     """
+    if X.dim() == 3 and X.shape[0] == 0:  # (a rank holding no matrix)
+        return
     _check_matrix(X, "X")
     if X.dim() != 3:
         raise ValueError(f"X must have shape (B, m, n), got {tuple(X.shape)}")
@@ -172,6 +180,8 @@ def rsvd_update_(U: Tensor, S: Tensor, V: Tensor, M: Tensor, oversample: int, po
     """``U, S, V ← rsvd(M, rank=U.shape[-1])`` in place for ``M: (B, m, n)``; matrix ``b`` is seeded with
     ``seeds.step_seed(keys[b], step[b])`` (``keys``: int64, ``step``: its step counter, both ``(B,)`` tensors
     on M's device, read on the device by the GPU kernels). Nothing is written when ``skip`` is set."""
+    if M.dim() == 3 and M.shape[0] == 0:  # (a rank holding no matrix)
+        return
     _check_matrix(M, "M")
     ops._check_lowrank(U, S, V, M, "M")
     for t, name in ((keys, "keys"), (step, "step")):

@@ -206,6 +206,8 @@ register_cuda_kernels(_TRITON_MODULE)
 
 
 def _call(name: str, device: torch.device, *args):
+    if device.type == "meta":  # the fake kernel, through the dispatcher (the reference would read values)
+        return getattr(torch.ops.limuon, name)(*args)
     which = backend.resolve(device)
     if which == "torch":
         return _reference_kernel(name)(*args)

@@ -143,7 +143,13 @@ def rsvd_update_(U: Tensor, S: Tensor, V: Tensor, M: Tensor, oversample: int, po
     """``U, S, V ← rsvd(M, rank=U.shape[-1])`` in place (shapes ``(B, m, r)``, ``(B, r)``, ``(B, n, r)``), with
     matrix ``b`` seeded by ``splitmix64(keys[b] ^ step[b]) >> 1`` (``step_seeds``); nothing written when
     ``skip`` is nonzero."""
+    if skip is not None and skip.device.type == "cpu":  # (a CPU flag is read for free: no device to wait for)
+        if bool(skip):
+            return
+        skip = None
     seeds = step_seeds(keys, step)
+    if skip is not None:  # (a skipped step's M may hold NaN, which LAPACK's SVD refuses: decompose zeros then)
+        M = torch.where(skip.to(M.device) != 0, torch.zeros((), dtype=M.dtype, device=M.device), M)
     new = torch.ops.limuon.rsvd(M, U.shape[-1], oversample, power_iters, seeds)
     for dst, src in zip((U, S, V), new):
         _keep_unless_skipped(dst, src, skip)

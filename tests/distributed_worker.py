@@ -21,7 +21,7 @@ from torch import nn
 
 import limuon
 import limuon_kernels as lk
-from limuon._common import HybridOptimizer
+from limuon import _functional
 
 D, HIDDEN, OUT, BATCH, SEQ = 16, 40, 10, 6, 5
 
@@ -121,24 +121,27 @@ def full_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 class CountOrthogonalised:
-    """Counts the matrices this process orthogonalises (to show the work is split across ranks)."""
+    """Counts the matrices this process orthogonalises (to show the work is split across ranks): both ways a
+    batch is orthogonalised, the fused update of one process and the owners' batch under DDP/FSDP2."""
 
     def __init__(self) -> None:
         self.count = 0
-        self._original = HybridOptimizer.__dict__["_orthogonalize"]
+        self._originals = {name: getattr(_functional, name) for name in ("orthogonalize", "update_fused")}
 
     def __enter__(self) -> CountOrthogonalised:
-        original = self._original.__func__
+        def recorder(original):
+            def run(X: torch.Tensor, *args, **kwargs):
+                self.count += X.shape[0]
+                return original(X, *args, **kwargs)
+            return run
 
-        def counting(group: dict, X: torch.Tensor) -> torch.Tensor:
-            self.count += X.shape[0]
-            return original(group, X)
-
-        HybridOptimizer._orthogonalize = staticmethod(counting)
+        for name, original in self._originals.items():
+            setattr(_functional, name, recorder(original))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        HybridOptimizer._orthogonalize = self._original
+        for name, original in self._originals.items():
+            setattr(_functional, name, original)
 
 
 def free_port() -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import limuon
-from limuon._common import HybridOptimizer
+from limuon import _functional
 
 E, M, N, BATCH, STEPS = 4, 16, 24, 48, 4
 
@@ -107,24 +107,27 @@ def experts_held(rank: int, world: int) -> int:
 
 
 class RecordOrthogonalised:
-    """Records the shape of every batch this process orthogonalises."""
+    """Records the shape of every batch this process orthogonalises: both ways a batch is orthogonalised, the
+    fused update of one process and the owners' batch under DDP/FSDP2."""
 
     def __init__(self) -> None:
         self.shapes: list[tuple[int, ...]] = []
-        self._original = HybridOptimizer.__dict__["_orthogonalize"]
+        self._originals = {name: getattr(_functional, name) for name in ("orthogonalize", "update_fused")}
 
     def __enter__(self) -> RecordOrthogonalised:
-        original = self._original.__func__
+        def recorder(original):
+            def run(X: torch.Tensor, *args, **kwargs):
+                self.shapes.append(tuple(X.shape))
+                return original(X, *args, **kwargs)
+            return run
 
-        def recording(group: dict, X: torch.Tensor) -> torch.Tensor:
-            self.shapes.append(tuple(X.shape))
-            return original(group, X)
-
-        HybridOptimizer._orthogonalize = staticmethod(recording)
+        for name, original in self._originals.items():
+            setattr(_functional, name, recorder(original))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        HybridOptimizer._orthogonalize = self._original
+        for name, original in self._originals.items():
+            setattr(_functional, name, original)
 
 
 def single_process(config: str, steps: int = STEPS) -> tuple[dict[str, torch.Tensor], list[tuple[int, ...]]]:

@@ -157,3 +157,14 @@ def random_grads(t: int) -> list[Tensor]:
     """The (W-independent) gradients of step ``t``: fresh Gaussian matrices every step."""
     gen = torch.Generator().manual_seed(1000 + t)
     return [torch.randn(*s, generator=gen) for s in RANDOM_SHAPES]
+
+
+def equal_nested(a, b) -> bool:
+    """Bitwise equality of nested state (dicts, lists, tensors with their dtypes and shapes, other values)."""
+    if torch.is_tensor(a):
+        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(equal_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(equal_nested(x, y) for x, y in zip(a, b))
+    return a == b

@@ -133,20 +133,29 @@ def test_four_dimensional_parameter_is_four_matrices(config):
 @pytest.mark.parametrize("config", ["muon", "limuon-exact-r3", "limuon-approx-dense"])
 def test_one_newton_schulz_launch_for_experts_and_plain_matrix(config, monkeypatch):
     shapes = []
-    real = lk.newton_schulz
-    monkeypatch.setattr(lk, "newton_schulz", lambda X, *a, **k: shapes.append(tuple(X.shape)) or real(X, *a, **k))
+    real = lk.newton_schulz_update_
+    monkeypatch.setattr(lk, "newton_schulz_update_",
+                        lambda X, *a, **k: shapes.append(tuple(X.shape)) or real(X, *a, **k))
     train(config, batch=True, steps=3, dtype=dtype_of(config))
     assert shapes == [(E + 1, M, N)] * 3
 
 
 def test_each_expert_gets_its_own_seed(monkeypatch):
-    """Matrix e of batch parameter i at step t: derive_seed(seed, i, t, e); a parameter that is one matrix
-    (here the plain one, index 1) keeps derive_seed(seed, i, t) (as before matrix_view existed)."""
+    """Matrix e of batch parameter i at step t: derive_seed(seed, i, e, t); a parameter that is one matrix
+    (here the plain one, index 1) keeps derive_seed(seed, i, t). (The kernels get each matrix's key and its
+    step counter and finish the seed on the device; here both are read back to check the seeds.)"""
+    from limuon_kernels.seeds import step_seed
+
     seeds = []
-    real = lk.rsvd
-    monkeypatch.setattr(lk, "rsvd", lambda *a, seed, **k: seeds.append(list(seed)) or real(*a, seed=seed, **k))
+    real = lk.rsvd_update_
+
+    def spy(U, S, V, M, oversample, power_iters, keys, step, skip):
+        seeds.append([step_seed(k, t) for k, t in zip(keys.tolist(), step.tolist())])
+        return real(U, S, V, M, oversample, power_iters, keys, step, skip)
+
+    monkeypatch.setattr(lk, "rsvd_update_", spy)
     train("limuon-none-r3", batch=True, steps=2, dtype=torch.float64, seed=11)
-    want = [[lk.derive_seed(11, 0, t, e) for e in range(E)] + [lk.derive_seed(11, 1, t)] for t in (1, 2)]
+    want = [[lk.derive_seed(11, 0, e, t) for e in range(E)] + [lk.derive_seed(11, 1, t)] for t in (1, 2)]
     assert seeds == want
     assert len({s for step in seeds for s in step}) == 2 * (E + 1)
 

@@ -12,7 +12,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import limuon_kernels as lk
-from limuon_kernels import derive_seed, reference
+from limuon_kernels import derive_seed, reference, reference_fused
 
 
 def randn(*shape, dtype=torch.float32, gen):
@@ -58,6 +58,42 @@ def _cases():
         ("lowrank_axpby", "b3-33x64-r4", lambda g: (*lowrank((3,), 33, 64, 4, f32, g)[:4], 0.5, 0.9)),
         ("gaussian_sketch", "123x7", lambda g: (123, 7, 42, torch.device("cpu"))),
         ("lowrank_axpby", "strided-bf16", lambda g: (*lowrank((), 33, 64, 4, bf16, g, strided=True)[:4], 2.0, 0.1)),
+        *_fused_cases(keller, lowrank),
+    ]
+
+
+def _fused_cases(keller, lowrank):
+    """The fused step ops (fused_ops.py): mutated args (``Tensor(a!)``, a ``Tensor(a!)[]``), skip flags."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    exact, approx = [0.9, 1.0, -0.9, 1.0, 0.0], [0.9, 0.975 * 0.1 / 0.9, 0.0, 0.9, 0.025]
+
+    def ns_update(B, m, n, gen, restarts=None, with_delta=False, skip=None):
+        X = randn(B, m, n, gen=gen)
+        W = [randn(2, m, n, gen=gen), randn(n, m, gen=gen).mT, *(randn(m, n, gen=gen) for _ in range(B - 3))]
+        delta = randn(B, m, n, gen=gen) if with_delta else None
+        return (X, X.square().sum((-2, -1)), W, torch.tensor(0.02), 0.1, 0.2, keller, 1e-7, 1.0, None, restarts,
+                skip, delta)
+
+    def rsvd_update(B, m, n, r, gen, skip=None):
+        M = randn(B, m, n, gen=gen)
+        U, S, V = randn(B, m, r, gen=gen), torch.rand(B, r, generator=gen), randn(B, n, r, gen=gen)
+        keys = torch.tensor([derive_seed(0, b) for b in range(B)], dtype=torch.int64)
+        return U, S, V, M, 2, 1, keys, torch.arange(B, dtype=torch.int64) + 3, skip
+
+    return [
+        ("momentum_ns_input_", "b3-33x64-exact", lambda g: (randn(3, 33, 64, gen=g), randn(3, 33, 64, gen=g),
+                                                            randn(3, 33, 64, gen=g), exact, bf16, None)),
+        ("momentum_ns_input_", "strided-bf16-approx-skip",
+         lambda g: (randn(64, 33, dtype=bf16, gen=g).mT, randn(33, 128, gen=g)[:, ::2], None, approx, f32,
+                    torch.tensor(1))),
+        ("lowrank_momentum_ns_input", "b3-33x64-r4", lambda g: (*lowrank((3,), 33, 64, 4, f32, g), exact, bf16)),
+        ("lowrank_momentum_ns_input", "strided-bf16",
+         lambda g: (*lowrank((), 64, 33, 4, bf16, g, strided=True)[:4], None, approx, f32)),
+        ("newton_schulz_update_", "b4-33x64-delta", lambda g: ns_update(4, 33, 64, g, with_delta=True)),
+        ("newton_schulz_update_", "b3-64x33-gram", lambda g: ns_update(3, 64, 33, g, restarts=[2])),
+        ("newton_schulz_update_", "skip", lambda g: ns_update(3, 33, 64, g, with_delta=True, skip=torch.tensor(1))),
+        ("rsvd_update_", "b2-33x64-r4", lambda g: rsvd_update(2, 33, 64, 4, g)),
+        ("rsvd_update_", "skip", lambda g: rsvd_update(2, 64, 33, 3, g, skip=torch.tensor(True))),
     ]
 
 
@@ -89,7 +125,8 @@ def test_reference_kernel_layout_matches_fake(op, make_args):
     # The reference kernels are the CompositeExplicitAutograd registration: every device without a
     # dedicated kernel runs them through the dispatcher (CPU too when _C is absent, where opcheck
     # would test them), so their outputs must have the shape, dtype and strides the fake promises.
-    real = getattr(reference, op)(*make_args(torch.Generator().manual_seed(0)))
+    real = getattr(reference, op, None) or getattr(reference_fused, op)
+    real = real(*make_args(torch.Generator().manual_seed(0)))
     with FakeTensorMode() as mode:
         args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
                 for a in make_args(torch.Generator().manual_seed(0))]

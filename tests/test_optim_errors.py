@@ -11,6 +11,7 @@ import torch
 from limuon_reference import ReferenceLiMuon
 from optim_helpers import (
     assert_trajectory_close,
+    equal_nested,
     make_batch,
     make_closure,
     make_grad_fn,
@@ -155,23 +156,13 @@ def test_exact_mode_without_closure():
             opt.step()
         assert "approx" in str(info.value)
         assert all(torch.equal(p.detach(), b) for p, b in zip(params, before)), f"step {step}: params changed"
-        assert _equal_nested(opt.state_dict(), state_before), f"step {step}: state changed"
+        assert equal_nested(opt.state_dict(), state_before), f"step {step}: state changed"
         assert step > 0 or not opt.state
         opt.step(closure)
         assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before))
 
 
 # -- non-finite gradients -------------------------------------------------------------------------
-
-
-def _equal_nested(a, b) -> bool:
-    if torch.is_tensor(a):
-        return torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _poison(model, name: str, value: float):
@@ -218,7 +209,7 @@ def test_non_finite_gradient_changes_nothing(optimizer, target, value):
         opt.step(_poison(model, name, value))
     _message_names(info.value, index, shape)
     assert all(torch.equal(p.detach(), params[n]) for n, p in model.named_parameters()), "params changed"
-    assert _equal_nested(opt.state_dict(), state), "optimizer state changed"
+    assert equal_nested(opt.state_dict(), state), "optimizer state changed"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -268,7 +259,7 @@ def test_non_finite_only_at_previous_iterate(rank):
     assert calls[0] == 5, f"{calls[0]} closure calls"
     _message_names(info.value, 5, (16, 123))
     assert all(torch.equal(p.detach(), params[n]) for n, p in model.named_parameters()), "params changed"
-    assert _equal_nested(opt.state_dict(), state), "optimizer state changed"
+    assert equal_nested(opt.state_dict(), state), "optimizer state changed"
     for _ in range(2):
         opt.step(closure)
         ref.step(grad_fn)

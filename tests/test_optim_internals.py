@@ -29,17 +29,22 @@ def _closure(model, opt):
     return closure
 
 
-def test_storm_update_runs_once_per_bucket(monkeypatch):
+def test_momentum_pass_runs_once_per_bucket(monkeypatch):
     model = _model()
     opt = limuon.LiMuon(model.parameters(), lr=0.01, adamw_lr=0.01, variance_reduction="exact")
     calls = []
-    real = lk.storm_update_
-    monkeypatch.setattr(lk, "storm_update_", lambda m, *a: calls.append(tuple(m.shape)) or real(m, *a))
+    real = lk.momentum_ns_input_
+    def spy(m, g, g_old, *a):
+        calls.append((tuple(m.shape), g_old is not None))
+        return real(m, g, g_old, *a)
+
+    monkeypatch.setattr(lk, "momentum_ns_input_", spy)
     closure = _closure(model, opt)
     for _ in range(3):
         opt.step(closure)
-    # Step 1 has no correction term; steps 2 and 3 update 3 buckets each with one call apiece.
-    assert sorted(calls) == sorted([(3, 16, 16), (1, 16, 8), (1, 4, 16)] * 2)
+    # Step 1 has no correction term (no g_old); steps 2 and 3 have it; 3 buckets, one call apiece.
+    shapes = [(3, 16, 16), (1, 16, 8), (1, 4, 16)]
+    assert sorted(calls) == sorted([(s, False) for s in shapes] + [(s, True) for s in shapes] * 2)
 
 
 @pytest.mark.parametrize("opt_cls", [limuon.LiMuon, limuon.Muon], ids=lambda c: c.__name__)

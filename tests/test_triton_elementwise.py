@@ -134,64 +134,9 @@ def test_mars_update_non_contiguous(gen):
     check(d, ref_d)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(5, 123), (64, 33), (3, 33, 64), (2, 2, 5, 123)], ids=shape_id)
-def test_storm_update_ns_input(shape, dtype, gen):
-    """One pass gives the new m, its bf16 copy and per-matrix ‖m‖², each matrix spanning several blocks."""
-    m, g_new, g_old = (rand(shape, dtype, gen) for _ in range(3))
-    ref = storm64(m, g_new, g_old, 0.95)
-    ns, sq = storm.storm_update_ns_input(m, g_new, g_old, 0.95)
-    check(m, ref, arith(dtype))
-    assert ns.dtype == torch.bfloat16 and ns.shape == shape and ns.is_contiguous()
-    check(ns, ref, arith(dtype))
-    batch = ref[..., 0, 0].numel()
-    assert sq.dtype == torch.float32 and sq.shape == (batch,)
-    # Norm of the fp32 values before rounding to m's dtype: fp32-accurate, whatever the dtype.
-    torch.testing.assert_close(sq.double().cpu(), ref.reshape(batch, -1).pow(2).sum(1).cpu(), rtol=1e-5, atol=0)
-
-
-def test_storm_update_ns_input_other_ns_dtype(gen):
-    m, g_new, g_old = (rand((3, 33, 64), torch.float32, gen) for _ in range(3))
-    ref = storm64(m, g_new, g_old, 0.5)
-    ns, sq = storm.storm_update_ns_input(m, g_new, g_old, 0.5, ns_dtype=torch.float32)
-    assert ns.dtype == torch.float32
-    assert torch.equal(ns, m)
-    torch.testing.assert_close(sq.double().cpu(), ref.reshape(3, -1).pow(2).sum(1).cpu(), rtol=1e-5, atol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_mars_update_ns_input(dtype, gen):
-    b, g = rand((3, 33, 64), dtype, gen), rand((3, 33, 64), dtype, gen)
-    ref_b, ref_d = mars64(b, g, 0.95, 0.025)
-    ns, sq = storm.mars_update_ns_input(b, g, 0.95, 0.025)
-    check(b, ref_b, arith(dtype))
-    check(ns, ref_d, arith(dtype))
-    torch.testing.assert_close(sq.double().cpu(), ref_d.reshape(3, -1).pow(2).sum(1).cpu(), rtol=1e-5, atol=0)
-
-
-def test_ns_input_non_contiguous_state(gen):
-    m = rand((64, 33), torch.float32, gen).mT
-    g_new, g_old = rand((33, 64), torch.float32, gen), rand((64, 33), torch.float32, gen).mT
-    ref = storm64(m, g_new, g_old, 0.9)
-    ns, sq = storm.storm_update_ns_input(m, g_new, g_old, 0.9)
-    check(m, ref)
-    check(ns, ref)
-    torch.testing.assert_close(sq.double().cpu(), ref.pow(2).sum().reshape(1).cpu(), rtol=1e-5, atol=0)
-
-
-def test_norms_are_deterministic(gen):
-    m, g_new, g_old = (rand((3, 33, 64), torch.float32, gen) for _ in range(3))
-    m2 = m.clone()
-    _, sq1 = storm.storm_update_ns_input(m, g_new, g_old, 0.9)
-    _, sq2 = storm.storm_update_ns_input(m2, g_new, g_old, 0.9)
-    assert torch.equal(sq1, sq2)
-
-
 def test_empty_and_shape_errors(gen):
     m = torch.empty(0, 7, device=DEVICE)
     storm.storm_update_(m, m.clone(), m.clone(), 0.9)
-    ns, sq = storm.storm_update_ns_input(m, m.clone(), m.clone(), 0.9)
-    assert ns.shape == (0, 7) and sq.shape == (0,)
     a = rand((5, 123), torch.float32, gen)
     with pytest.raises(RuntimeError, match="g_new must have the shape of m"):
         storm.storm_update_(a, a[:, :5], a, 0.9)

@@ -62,12 +62,7 @@ at::Tensor newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficie
                              double norm_scale, std::optional<at::ScalarType> compute_dtype) {
   const at::ScalarType dtype = check_ns_args(G, coefficients, compute_dtype, "newton_schulz");
   auto [X, transposed] = ns_input(G, eps, norm_scale, dtype);
-  for (size_t i = 0; i < coefficients.size(); i += 3) {
-    const double a = coefficients[i], b = coefficients[i + 1], c = coefficients[i + 2];
-    const at::Tensor A = at::bmm(X, X.mT());
-    X = at::baddbmm(X, sym_poly(A, b, c), X, /*beta=*/a, /*alpha=*/1);
-  }
-  return ns_output(X, transposed, G);
+  return ns_output(ns_iterate(X, coefficients), transposed, G);
 }
 
 // X Xᵀ in the state dtype (half-precision products are exact in fp32, as on tensor cores).
@@ -76,15 +71,33 @@ at::Tensor gram(const at::Tensor& X, at::ScalarType state) {
   return at::bmm(Xs, Xs.mT());
 }
 
-// Newton–Schulz on the p×p Gram matrix (see reference.gram_newton_schulz for the derivation):
-// R = X Xᵀ, Q = I; per iteration P = a·I + b·R + c·R², Q ← P·Q, R ← R·P² (upper triangle mirrored);
-// after each iteration listed in `restarts`, X ← Q·X, R ← X Xᵀ, Q ← I; the result is Q·X. R, P and Q
-// are kept in at least fp32.
 at::Tensor gram_newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coefficients, double eps,
                                   double norm_scale, std::optional<at::ScalarType> compute_dtype,
                                   at::IntArrayRef restarts) {
   constexpr const char* op = "gram_newton_schulz";
   const at::ScalarType dtype = check_ns_args(G, coefficients, compute_dtype, op);
+  auto [X, transposed] = ns_input(G, eps, norm_scale, dtype);
+  return ns_output(gram_ns_iterate(X, coefficients, restarts, op), transposed, G);
+}
+
+}  // namespace
+
+// The iterations of newton_schulz on a normalised X (B, p, q), p ≤ q, in X's dtype (reference.ns_iterate).
+at::Tensor ns_iterate(at::Tensor X, at::ArrayRef<double> coefficients) {
+  for (size_t i = 0; i + 2 < coefficients.size(); i += 3) {
+    const double a = coefficients[i], b = coefficients[i + 1], c = coefficients[i + 2];
+    const at::Tensor A = at::bmm(X, X.mT());
+    X = at::baddbmm(X, sym_poly(A, b, c), X, /*beta=*/a, /*alpha=*/1);
+  }
+  return X;
+}
+
+// Newton–Schulz on the p×p Gram matrix (see reference.gram_newton_schulz for the derivation):
+// R = X Xᵀ, Q = I; per iteration P = a·I + b·R + c·R², Q ← P·Q, R ← R·P² (upper triangle mirrored);
+// after each iteration listed in `restarts`, X ← Q·X, R ← X Xᵀ, Q ← I; the result is Q·X. R, P and Q
+// are kept in at least fp32. X: normalised (B, p, q), p ≤ q, in the compute dtype (reference.gram_ns_iterate).
+at::Tensor gram_ns_iterate(at::Tensor X, at::ArrayRef<double> coefficients, at::IntArrayRef restarts,
+                           const char* op) {
   const int64_t steps = static_cast<int64_t>(coefficients.size() / 3);
   std::vector<bool> restart_after(steps + 1, false);
   int64_t previous = 0;
@@ -95,8 +108,8 @@ at::Tensor gram_newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coef
     restart_after[r] = true;
     previous = r;
   }
+  const at::ScalarType dtype = X.scalar_type();
   const at::ScalarType state = at::promote_types(dtype, at::kFloat);
-  auto [X, transposed] = ns_input(G, eps, norm_scale, dtype);
   at::Tensor R = gram(X, state);
   std::optional<at::Tensor> Q;  // empty: the identity
   for (int64_t k = 0; k < steps; ++k) {
@@ -116,10 +129,9 @@ at::Tensor gram_newton_schulz_cpu(const at::Tensor& G, at::ArrayRef<double> coef
   if (Q.has_value()) {
     X = at::bmm(Q->to(dtype), X);
   }
-  return ns_output(X, transposed, G);
+  return X;
 }
 
-}  // namespace
 }  // namespace limuon
 
 TORCH_LIBRARY_IMPL(limuon, CPU, m) {

@@ -28,22 +28,10 @@ import triton.language as tl
 from torch import Tensor
 
 from limuon_kernels import reference
-from limuon_kernels.triton._compile_targets import KernelConfig, KernelTarget
-from limuon_kernels.triton.newton_schulz import (
-    _RECT,
-    _SQUARE,
-    _SUMSQ,
-    _SUMSQ_WARPS,
-    _arch_key,
-    _cast_out,
-    _interpreted,
-    _inv_norm,
-    _load,
-    _mma,
-    _sumsq_kernel,
-    _triangle_grid,
-    _upper_tile,
-)
+from limuon_kernels.triton._compile_targets import KernelTarget
+from limuon_kernels.triton._ns_kernels import _arch_key, _autotune, _interpreted, _target_configs
+from limuon_kernels.triton._ns_tiles import _cast_out, _inv_norm, _load, _mma, _upper_tile
+from limuon_kernels.triton.newton_schulz import _batched, _sum_squares, _triangle_grid
 
 # -- kernels ---------------------------------------------------------------------------------------
 
@@ -184,17 +172,10 @@ def _tuned(kernel: str, arch: int):
     """The autotuned wrapper of one kernel for one arch family; built on first use (no driver
     queries at import)."""
     if kernel == "apply_q":
-        configs = [
-            triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in _RECT[arch]
-        ]
-        return triton.autotune(configs, key=["p", "q"])(_apply_q_kernel)
-    configs = [
-        triton.Config(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s) for bm, bk, w, s in _SQUARE[arch]
-    ]
+        return _autotune(_apply_q_kernel, arch, True, ["p", "q"])
     if kernel == "xxt":
-        return triton.autotune(configs, key=["p", "q"])(_xxt_kernel)
-    return triton.autotune(configs, key=["p"])(_sym_mm_kernel)
+        return _autotune(_xxt_kernel, arch, False, ["p", "q"])
+    return _autotune(_sym_mm_kernel, arch, False, ["p"])
 
 
 # -- launcher --------------------------------------------------------------------------------------
@@ -204,7 +185,8 @@ class _Launch:
     """One call's kernels (autotuned on a GPU, fixed tiles otherwise), grids, flags and the per-matrix
     partial sums of squares of G, with one method per kernel."""
 
-    def __init__(self, G3: Tensor, p: int, q: int, dtype: torch.dtype, blocks: tuple[int, int, int] | None):
+    def __init__(self, G3: Tensor, p: int, q: int, dtype: torch.dtype, blocks: tuple[int, int, int] | None,
+                 partial: Tensor | None = None):  # fmt: skip
         interpret = _interpreted()
         batch, device = G3.shape[0], G3.device
         if blocks is None and interpret:
@@ -221,17 +203,15 @@ class _Launch:
         self.full_grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]) ** 2, batch)
         self.rect_grid = lambda meta: (triton.cdiv(p, meta["BLOCK_M"]) * triton.cdiv(q, meta["BLOCK_N"]), batch)
         self.p, self.q, self.batch, self.device, self.interpret = p, q, batch, device, interpret
+        self.dtype = dtype
         self.dot = dict(DOT_TY=_TL_DTYPE[dtype], UPCAST=interpret,
                         PRECISION="ieee" if (dtype == torch.float32 or interpret) else "tf32")  # fmt: skip
         # tf32 state products where bf16's own rounding (2⁻⁹) dominates tf32's (2⁻¹¹); fp16 rounds like
         # tf32, and with tf32 state its Gram error was 10× the fp32-state one (the condition is squared)
         self.state_precision = "tf32" if dtype == torch.bfloat16 else "ieee"
-        n_part = triton.cdiv(G3[0].numel(), _SUMSQ["BLOCK"] * _SUMSQ["ITERS"])
-        self.partial = torch.empty((batch, n_part), dtype=torch.float32, device=device)
-        _sumsq_kernel[(n_part, batch)](
-            G3, self.partial, G3[0].numel(), n_part, UPCAST=interpret, **_SUMSQ, num_warps=_SUMSQ_WARPS
-        )
-        self.n_part = n_part
+        if partial is None:  # the per-matrix Σ G² (else given: (B, n_part) fp32)
+            partial = _sum_squares(G3, interpret)
+        self.partial, self.n_part = partial, partial.shape[1]
 
     def square(self) -> Tensor:
         return torch.empty((self.batch, self.p, self.p), dtype=torch.float32, device=self.device)
@@ -300,18 +280,24 @@ def gram_newton_schulz(
         # tl.dot has no fast fp64 path worth shipping; fp64 is a verification setting, not a GPU one
         return reference.gram_newton_schulz(G, coefficients, eps, norm_scale, dtype, restarts)
     m, n = G.shape[-2], G.shape[-1]
-    G3 = G.reshape(-1, m, n)
-    if not G3.is_contiguous():
-        G3 = G3.contiguous()
-    torch._check(G3.shape[0] <= 65535, lambda: f"at most 65535 matrices per launch (grid axis 1), got {G3.shape[0]}")
+    G3 = _batched(G)
     transposed = m > n
     p, q = (n, m) if transposed else (m, n)
     run = _Launch(G3, p, q, dtype, blocks)
     out = torch.empty((G3.shape[0], m, n), dtype=G.dtype, device=G.device)
+    Qm, src, normalize = iterate(run, G3.mT if transposed else G3, coefficients, restarts, eps, norm_scale)
+    run.apply_q(Qm, src, out.mT if transposed else out, normalize, norm_scale, eps)
+    return out.view(G.shape)
+
+
+def iterate(run: _Launch, src: Tensor, coefficients: list[float], restarts: list[int], eps: float,
+            norm_scale: float) -> tuple[Tensor, Tensor, bool]:  # fmt: skip
+    """Every iteration but the last product: returns ``(Q, X, normalize)`` with the result ``Q·X``
+    (``X`` still to be scaled by s when ``normalize``: no restart happened)."""
     norm = (norm_scale, eps)
     steps = len(coefficients) // 3
     # fresh p×p buffers per product: the ones dropped are reused by the caching allocator
-    src, normalized = (G3.mT if transposed else G3), False
+    normalized = False
     R = run.square()
     run.xxt(src, R, True, *norm)
     Qm = None  # the identity
@@ -327,7 +313,7 @@ def gram_newton_schulz(
             Qm, Q_old = run.square(), Qm
             run.sym(P, Q_old, Qm, 0.0, 0.0, 1.0, mirror=False)
         if it + 1 in restarts:
-            X_new = torch.empty((G3.shape[0], p, q), dtype=dtype, device=G.device)  # Q·X, never over X
+            X_new = torch.empty((run.batch, run.p, run.q), dtype=run.dtype, device=run.device)  # Q·X, never over X
             run.apply_q(Qm, src, X_new, not normalized, *norm)
             src, normalized, Qm = X_new, True, None
             run.xxt(src, R, False, *norm)
@@ -336,24 +322,14 @@ def gram_newton_schulz(
             run.sym(P, P, P2, 0.0, 0.0, 1.0)  # P²
             run.sym(R, P2, R_new, 0.0, 0.0, 1.0)  # R ← R·P²
             R = R_new
-    run.apply_q(Qm, src, out.mT if transposed else out, not normalized, *norm)
-    return out.view(G.shape)
+    return Qm, src, not normalized
 
 
 # -- ahead-of-time compile targets (python -m limuon_kernels.compile_check) ------------------------
 
 
 def _compile_targets() -> list[KernelTarget]:
-    square = [
-        KernelConfig(dict(BLOCK_M=bm, BLOCK_K=bk), num_warps=w, num_stages=s, archs=(arch,))
-        for arch, cfgs in _SQUARE.items()
-        for bm, bk, w, s in cfgs
-    ]
-    rect = [
-        KernelConfig(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=s, archs=(arch,))
-        for arch, cfgs in _RECT.items()
-        for bm, bn, bk, w, s in cfgs
-    ]
+    square, rect = _target_configs()
     bf16 = dict(UPCAST=False, PRECISION="tf32", DOT_TY=tl.bfloat16)  # the GPU default: bf16 operands
     # model shapes are multiples of 16 (see newton_schulz.py): sizes and strides specialised as such
     div16 = ("p", "q", "stride_xb", "stride_xr", "stride_xc", "stride_yb", "stride_yr", "stride_yc")

@@ -6,7 +6,8 @@ group: ``P = (U_b[rows] · S_b) V_b[cols]ᵀ`` with ``tl.dot`` over the rank (in
 the epilogue, all in fp32:
   * STORM: ``out = g_new + μ·(P − g_old)``            (``lowrank_storm``)
   * AXPBY: ``out = α·P + β·g``                         (``lowrank_axpby``)
-and optionally (``WRITE_NS``) the Newton–Schulz input in bf16 and one partial ``‖out‖²`` per tile.
+``_lowrank_product`` (the tile of ``U diag(S) Vᵀ``) is shared with the fused step kernel
+(``fused_step.lowrank_momentum_ns_input``).
 Inputs are read through their strides (no copies of non-contiguous operands); outputs are
 contiguous. ``tl.dot`` runs in exact fp32 (``input_precision="ieee"``, FMA units): at most 2·32
 flops per output element per rank chunk keeps the kernel memory-bound, and tf32 would cost the
@@ -48,10 +49,36 @@ _CONFIGS_FP64 = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=4, num_stages=1),
 ]
-# The WRITE_NS variant runs one fixed config, so its per-matrix norms are summed in the same order
-# every run (an autotuner may pick another tile size from one run to the next).
-_NS_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
-_NS_CONFIG_FP64 = {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 8, "num_stages": 1}
+
+
+@triton.jit
+def _lowrank_product(
+    u_base, s_base, v_base, rm, rn, M, N, R, stride_um, stride_ur, stride_sr, stride_vn, stride_vr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """The ``(rm, rn)`` tile of ``(U·S) Vᵀ`` for one matrix (bases already offset to it), in ACC."""
+    rk = tl.arange(0, BLOCK_R)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k0 in range(0, R, BLOCK_R):
+        kk = k0 + rk
+        k_mask = kk < R
+        # Upcast right after every load: the interpreter holds bf16 as raw uint16 (docs/DESIGN.md §6).
+        u = tl.load(
+            u_base + rm[:, None] * stride_um + kk[None, :] * stride_ur,
+            mask=m_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        s = tl.load(s_base + kk * stride_sr, mask=k_mask, other=0.0).to(ACC)
+        vt = tl.load(
+            v_base + kk[:, None] * stride_vr + rn[None, :] * stride_vn,
+            mask=k_mask[:, None] & n_mask[None, :],
+            other=0.0,
+        ).to(ACC)
+        # (U·S) Vᵀ in this order, as reference.lowrank_product computes it.
+        acc = tl.dot(u * s[None, :], vt, acc, input_precision="ieee")
+    return acc
 
 
 @triton.jit
@@ -62,8 +89,6 @@ def _lowrank_kernel(
     g1_ptr,
     g2_ptr,
     out_ptr,
-    ns_ptr,
-    partial_ptr,
     M,
     N,
     R,
@@ -88,7 +113,6 @@ def _lowrank_kernel(
     beta_mid,
     beta_lo,
     STORM: tl.constexpr,
-    WRITE_NS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -104,35 +128,12 @@ def _lowrank_kernel(
     b = b.to(tl.int64)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_R)
-    m_mask = rm < M
-    n_mask = rn < N
-
-    u_base = u_ptr + b * stride_ub
-    s_base = s_ptr + b * stride_sb
-    v_base = v_ptr + b * stride_vb
     alpha = scalar_arg(alpha_hi, alpha_mid, alpha_lo, ACC)
     beta = scalar_arg(beta_hi, beta_mid, beta_lo, ACC)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, R, BLOCK_R):
-        kk = k0 + rk
-        k_mask = kk < R
-        # Upcast right after every load: the interpreter holds bf16 as raw uint16 (docs/DESIGN.md §6).
-        u = tl.load(
-            u_base + rm[:, None] * stride_um + kk[None, :] * stride_ur,
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        ).to(ACC)
-        s = tl.load(s_base + kk * stride_sr, mask=k_mask, other=0.0).to(ACC)
-        vt = tl.load(
-            v_base + kk[:, None] * stride_vr + rn[None, :] * stride_vn,
-            mask=k_mask[:, None] & n_mask[None, :],
-            other=0.0,
-        ).to(ACC)
-        # (U·S) Vᵀ in this order, as reference.lowrank_product computes it.
-        acc = tl.dot(u * s[None, :], vt, acc, input_precision="ieee")
-
-    mask = m_mask[:, None] & n_mask[None, :]
+    acc = _lowrank_product(u_ptr + b * stride_ub, s_ptr + b * stride_sb, v_ptr + b * stride_vb, rm, rn, M, N, R,
+                           stride_um, stride_ur, stride_sr, stride_vn, stride_vr,
+                           ACC, BLOCK_R, BLOCK_M, BLOCK_N)  # fmt: skip
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
     g1 = tl.load(
         g1_ptr + b * stride_g1b + rm[:, None] * stride_g1m + rn[None, :] * stride_g1n, mask=mask, other=0.0
     ).to(ACC)
@@ -145,10 +146,6 @@ def _lowrank_kernel(
         out = alpha * acc + beta * g1
     offs = b * M * N + rm[:, None] * N + rn[None, :]
     tl.store(out_ptr + offs, cast_for_store(out, out_ptr.dtype.element_ty), mask=mask)
-    if WRITE_NS:
-        tl.store(ns_ptr + offs, cast_for_store(out, ns_ptr.dtype.element_ty), mask=mask)
-        sq = tl.sum(tl.sum(tl.where(mask, out * out, 0.0), axis=1), axis=0)
-        tl.store(partial_ptr + pid, cast_for_store(sq, partial_ptr.dtype.element_ty))
 
 
 _lowrank_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "R"])(_lowrank_kernel)
@@ -177,12 +174,12 @@ def _as_batched(U: Tensor, S: Tensor, V: Tensor, g: Tensor, g_name: str):
     return U.reshape(-1, m, r), S.reshape(-1, r), V.reshape(-1, n, r), g.reshape(-1, m, n)
 
 
-def _launch(U, S, V, g1, g2, out, alpha, beta, storm, ns=None):
-    """One launch over the ``(B, m, n)`` group; ``ns = (ns_tensor, partials)`` adds the NS outputs."""
+def _launch(U, S, V, g1, g2, out, alpha, beta, storm):
+    """One launch over the ``(B, m, n)`` group."""
     batch, m, n = g1.shape
     r = S.shape[-1]
     acc = acc_dtype(U, S, V, g1, g2)
-    meta = {"STORM": storm, "WRITE_NS": ns is not None, "ACC": acc, "BLOCK_R": next_pow2_at_least_16(r, MAX_BLOCK_R)}
+    meta = {"STORM": storm, "ACC": acc, "BLOCK_R": next_pow2_at_least_16(r, MAX_BLOCK_R)}
     args = (
         U,
         S,
@@ -190,7 +187,6 @@ def _launch(U, S, V, g1, g2, out, alpha, beta, storm, ns=None):
         g1,
         g2,
         out,
-        *(ns if ns is not None else (out, out)),  # unused without WRITE_NS
         m,
         n,
         r,
@@ -206,15 +202,7 @@ def _launch(U, S, V, g1, g2, out, alpha, beta, storm, ns=None):
     def grid(cfg):
         return (batch * triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
 
-    if ns is None:
-        launch_tuned(_lowrank_tuned_fp64 if acc == tl.float64 else _lowrank_tuned, grid, *args, **meta)
-    else:
-        config = _ns_config(acc)
-        _lowrank_kernel[grid(config)](*args, **meta, **config)
-
-
-def _ns_config(acc) -> dict:
-    return _NS_CONFIG_FP64 if acc == tl.float64 else _NS_CONFIG
+    launch_tuned(_lowrank_tuned_fp64 if acc == tl.float64 else _lowrank_tuned, grid, *args, **meta)
 
 
 def lowrank_storm(U: Tensor, S: Tensor, V: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> Tensor:
@@ -240,34 +228,6 @@ def lowrank_axpby(U: Tensor, S: Tensor, V: Tensor, g: Tensor, alpha: float, beta
     return out
 
 
-def lowrank_storm_ns_input(
-    U: Tensor,
-    S: Tensor,
-    V: Tensor,
-    g_new: Tensor,
-    g_old: Tensor,
-    momentum: float,
-    ns_dtype: torch.dtype = torch.bfloat16,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``lowrank_storm`` that also emits what Newton–Schulz needs, in the same pass.
-
-    Returns ``(M, ns_input, sq_norms)``: ``M`` as ``lowrank_storm`` returns it (g_new's dtype),
-    ``ns_input`` the same values in ``ns_dtype``, and ``sq_norms: (B,)`` fp32, the squared
-    Frobenius norm of each matrix of ``M`` (of its values before rounding), reduced in a fixed order.
-    """
-    torch._check(g_old.shape == g_new.shape, lambda: f"g_old must have the shape of g_new, got {tuple(g_old.shape)}")
-    U3, S2, V3, g1 = _as_batched(U, S, V, g_new, "g_new")
-    batch, m, n = g1.shape
-    out = torch.empty(g_new.shape, dtype=g_new.dtype, device=g_new.device)
-    ns = torch.empty(g_new.shape, dtype=ns_dtype, device=g_new.device)
-    config = _ns_config(acc_dtype(U, S, V, g_new, g_old))
-    tiles = triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"])
-    partials = torch.empty(batch, tiles, dtype=torch.float32, device=g_new.device)  # each tile writes its slot
-    if out.numel():
-        _launch(U3, S2, V3, g1, g_old.reshape(g1.shape), out, momentum, 0.0, storm=True, ns=(ns, partials))
-    return out, ns, partials.sum(dim=1)
-
-
 # -- ahead-of-time compile targets (format: limuon_kernels/triton/_compile_targets.py) ------------
 
 
@@ -279,15 +239,13 @@ def _targets() -> list[KernelTarget]:
     ints = [a for a in _lowrank_kernel.arg_names if a in ("M", "N", "R") or a.startswith("stride_")]
     scalars = {f"{x}_{part}": "fp32" for x in ("alpha", "beta") for part in ("hi", "mid", "lo")}
 
-    def configs(tuned, fixed):
-        shapes = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in tuned] if tuned else []
-        if fixed:
-            shapes.append((fixed["BLOCK_M"], fixed["BLOCK_N"], fixed["num_warps"], fixed["num_stages"]))
+    def configs(tuned):
         return [
-            KernelConfig({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_R": br}, warps, stages)
-            for bm, bn, warps, stages in shapes
+            KernelConfig({"BLOCK_M": c.kwargs["BLOCK_M"], "BLOCK_N": c.kwargs["BLOCK_N"], "BLOCK_R": br},
+                         c.num_warps, c.num_stages)
+            for c in tuned
             for br in (16, MAX_BLOCK_R)
-        ]
+        ]  # fmt: skip
 
     targets = []
     for factor_dtype, g_dtype in (
@@ -297,24 +255,17 @@ def _targets() -> list[KernelTarget]:
     ):
         fp64 = factor_dtype == torch.float64
         f, g = ptr(factor_dtype), ptr(g_dtype)
-        tuned, fixed = (_CONFIGS_FP64, _NS_CONFIG_FP64) if fp64 else (_CONFIGS, _NS_CONFIG)
-        for op, storm, write_ns in (
-            ("lowrank_storm", True, False),
-            ("lowrank_axpby", False, False),
-            ("lowrank_storm_ns_input", True, True),
-        ):
+        for op, storm in (("lowrank_storm", True), ("lowrank_axpby", False)):
             signature = {
                 **{a: f for a in ("u_ptr", "s_ptr", "v_ptr")},
                 **{a: g for a in ("g1_ptr", "g2_ptr", "out_ptr")},
-                "ns_ptr": ptr(torch.bfloat16) if write_ns else g,
-                "partial_ptr": ptr(torch.float32) if write_ns else g,
                 **{a: 1 if a in unit else "i32" for a in ints},
                 **scalars,
             }
-            constexprs = {"STORM": storm, "WRITE_NS": write_ns, "ACC": tl.float64 if fp64 else tl.float32}
+            constexprs = {"STORM": storm, "ACC": tl.float64 if fp64 else tl.float32}
             name = f"{op}[factors={dtype_name(factor_dtype)},g={dtype_name(g_dtype)}]"
-            cfgs = configs(None, fixed) if write_ns else configs(tuned, None)
-            targets.append(KernelTarget(name, _lowrank_kernel, signature, cfgs, constexprs))
+            targets.append(KernelTarget(name, _lowrank_kernel, signature, configs(_CONFIGS_FP64 if fp64 else _CONFIGS),
+                                        constexprs))  # fmt: skip
     return targets
 
 

@@ -9,7 +9,8 @@ piece of ``Ω_b`` with Philox (``tl.randn4x``) as it goes. Ω entries are a func
 
 so Y does not depend on the tiling or the autotuned config, on which matrices share a launch, or
 on the sketch width (a wider sketch only appends columns). ``seed_b`` is the 63-bit per-matrix
-seed itself (Philox takes a 64-bit key). The rest (CholeskyQR2 with a Householder fallback, power
+seed itself (Philox takes a 64-bit key). The rest (CholeskyQR2 with a Householder fallback selected
+on the device, power
 iterations, ``B = Qᵀ M``, the small SVD) is fp32 PyTorch. Ω differs from the reference's CPU
 mt19937 Ω, so results equal the reference's only up to the randomness: deterministic per backend.
 """
@@ -144,21 +145,19 @@ def _cholesky_qr(Y: Tensor) -> tuple[Tensor, Tensor]:
 def orthonormalize(Y: Tensor) -> Tensor:
     """Orthonormal basis ``Q: (B, m, k)`` of the columns of ``Y: (B, m, k)`` (fp32, k ≤ m).
 
-    CholeskyQR2 (two Gram-matrix passes: only small k×k factorisations, GPU-friendly), with
+    CholeskyQR2 (two Gram-matrix passes: only small k×k factorisations, GPU-friendly), replaced by
     Householder QR for each matrix where it fails: a Cholesky breakdown, or a result that is not
     orthonormal to 1e-4 (Y ill-conditioned, e.g. a sketch of a matrix whose rank is below k).
-    Decided per matrix, so a matrix's Q does not depend on the others in the batch. Checking costs
-    one host synchronisation.
+    Decided per matrix, so a matrix's Q does not depend on the others in the batch. The choice is a
+    select on the device (the Householder QR of the whole batch is computed every time): no host
+    synchronisation, so an optimizer step can run ahead of the host (and be captured in a graph).
     """
     Q1, ok1 = _cholesky_qr(Y)
     Q, ok2 = _cholesky_qr(Q1)
     eye = torch.eye(Y.shape[-1], dtype=Y.dtype, device=Y.device)
     err = (Q.mT @ Q - eye).abs().amax(dim=(-2, -1))
-    bad = ~(ok1 & ok2 & (err <= 1e-4))  # NaN err compares False: bad
-    if bool(bad.any()):
-        Q = Q.clone()
-        Q[bad] = torch.linalg.qr(Y[bad]).Q
-    return Q
+    good = ok1 & ok2 & (err <= 1e-4)  # NaN err compares False: not good
+    return torch.where(good[:, None, None], Q, torch.linalg.qr(Y).Q)
 
 
 def rsvd(

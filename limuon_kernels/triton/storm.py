@@ -1,14 +1,9 @@
 """Elementwise momentum updates of LiMuon in one pass: STORM (exact mode) and MARS (approx mode).
 
-Each kernel reads its inputs once, updates the momentum buffer in place, and (``WRITE_NS``)
-also writes the Newton–Schulz input in bf16 and one partial ``‖M‖²`` per program, so the
-optimizer's GPU path needs no further pass before Newton–Schulz. A whole stacked group
-``(B, m, n)`` is one launch; offsets are int64; arithmetic is fp32 whatever the storage dtype.
-
-Launchers with the reference signatures (``storm_update_``, ``mars_update_``) are autotuned over
-``_CONFIGS``. The fused ``*_ns_input`` launchers run one fixed config (``_NS_CONFIG``) so that the
-per-matrix sums of squares are reduced in the same order every run: an autotuner may pick a
-different block size from one run to the next, and the norm feeds Newton–Schulz.
+Each kernel reads its inputs once and updates the momentum buffer in place. A whole tensor is one
+launch; offsets are int64; arithmetic is fp32 whatever the storage dtype (fp64 for fp64 data).
+The launchers (``storm_update_``, ``mars_update_``, the reference signatures) are autotuned over
+``_CONFIGS``. The fused step's momentum kernel (``fused_step.py``) shares ``_matrix_block``.
 """
 
 from __future__ import annotations
@@ -36,7 +31,6 @@ _CONFIGS = [
     triton.Config({"BLOCK_SIZE": 2048}, num_warps=8, num_stages=1),
     triton.Config({"BLOCK_SIZE": 4096}, num_warps=8, num_stages=1),
 ]
-_NS_CONFIG = {"BLOCK_SIZE": 2048, "num_warps": 8, "num_stages": 1}
 
 
 @triton.jit
@@ -55,18 +49,14 @@ def _storm_kernel(
     m_ptr,
     g_new_ptr,
     g_old_ptr,
-    ns_ptr,
-    partial_ptr,
-    mat_numel,
+    numel,
     mu_hi,
     mu_mid,
     mu_lo,
-    WRITE_NS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
-    # (Without WRITE_NS the whole tensor is one "matrix".)
-    pid, offs, mask = _matrix_block(mat_numel, BLOCK_SIZE)
+    _, offs, mask = _matrix_block(numel, BLOCK_SIZE)  # the whole tensor is one "matrix"
     mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
     # Upcast right after the load: the interpreter holds bf16 as raw uint16 (docs/DESIGN.md §6).
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(ACC)
@@ -74,10 +64,6 @@ def _storm_kernel(
     g_old = tl.load(g_old_ptr + offs, mask=mask, other=0.0).to(ACC)
     out = g_new + mu * (m - g_old)
     tl.store(m_ptr + offs, cast_for_store(out, m_ptr.dtype.element_ty), mask=mask)
-    if WRITE_NS:
-        tl.store(ns_ptr + offs, cast_for_store(out, ns_ptr.dtype.element_ty), mask=mask)
-        sq = tl.sum(tl.where(mask, out * out, 0.0), axis=0)
-        tl.store(partial_ptr + pid, cast_for_store(sq, partial_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -85,8 +71,7 @@ def _mars_kernel(
     b_ptr,
     g_ptr,
     d_ptr,
-    partial_ptr,
-    mat_numel,
+    numel,
     mu_hi,
     mu_mid,
     mu_lo,
@@ -96,13 +81,12 @@ def _mars_kernel(
     gamma_hi,
     gamma_mid,
     gamma_lo,
-    WRITE_NS: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # b ← μ·b + coef·g with coef = (1−γ)(1−μ)/μ (computed on the host in double, as the reference
     # does); d = γ·g + μ·b from b before it is rounded to b's dtype.
-    pid, offs, mask = _matrix_block(mat_numel, BLOCK_SIZE)
+    _, offs, mask = _matrix_block(numel, BLOCK_SIZE)
     mu = scalar_arg(mu_hi, mu_mid, mu_lo, ACC)
     coef = scalar_arg(coef_hi, coef_mid, coef_lo, ACC)
     gamma = scalar_arg(gamma_hi, gamma_mid, gamma_lo, ACC)
@@ -112,13 +96,10 @@ def _mars_kernel(
     d = gamma * g + mu * buf
     tl.store(b_ptr + offs, cast_for_store(buf, b_ptr.dtype.element_ty), mask=mask)
     tl.store(d_ptr + offs, cast_for_store(d, d_ptr.dtype.element_ty), mask=mask)
-    if WRITE_NS:
-        sq = tl.sum(tl.where(mask, d * d, 0.0), axis=0)
-        tl.store(partial_ptr + pid, cast_for_store(sq, partial_ptr.dtype.element_ty))
 
 
-_storm_tuned = triton.autotune(configs=_CONFIGS, key=["mat_numel"], restore_value=["m_ptr"])(_storm_kernel)
-_mars_tuned = triton.autotune(configs=_CONFIGS, key=["mat_numel"], restore_value=["b_ptr"])(_mars_kernel)
+_storm_tuned = triton.autotune(configs=_CONFIGS, key=["numel"], restore_value=["m_ptr"])(_storm_kernel)
+_mars_tuned = triton.autotune(configs=_CONFIGS, key=["numel"], restore_value=["b_ptr"])(_mars_kernel)
 
 
 # -- launchers ------------------------------------------------------------------------------------
@@ -136,40 +117,22 @@ def _check_momentum(momentum: float) -> None:
     torch._check(momentum != 0.0, lambda: "momentum must be nonzero: the MARS update divides by it")
 
 
-def _run(kernel, tuned, state: Tensor, inputs: tuple[Tensor, ...], outs: tuple[Tensor, ...], scalars, ns=None):
-    """Launch ``kernel(state, *inputs, *outs, mat_numel, *split scalars)`` over ``state``.
+def _run(tuned, state: Tensor, inputs: tuple[Tensor, ...], outs: tuple[Tensor, ...], scalars) -> None:
+    """Launch ``kernel(state, *inputs, *outs, numel, *split scalars)`` over ``state``, autotuned.
 
     ``state`` (updated in place) may be non-contiguous: the kernel then works on a contiguous copy
-    that is copied back. Without ``ns`` the whole tensor is one flat range, autotuned; with ``ns =
-    (ns_tensor, partials)`` the kernel also writes the NS input and one partial ‖·‖² per block of
-    each matrix, with the fixed ``_NS_CONFIG``.
+    that is copied back.
     """
     if state.numel() == 0:  # a rank holding no rows of these matrices (FSDP2): no launch, no autotuning
         return
     work = state if state.is_contiguous() else state.contiguous()
     inputs = tuple(t.contiguous() for t in inputs)
     split = [part for x in scalars for part in split_scalar(float(x))]
-    acc = acc_dtype(state, *inputs)
-    if ns is None:
-        n = work.numel()
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_SIZE"]),)  # noqa: E731
-        launch_tuned(tuned, grid, work, *inputs, *outs, n, *split, WRITE_NS=False, ACC=acc)
-    else:
-        partials = ns[1]
-        mat_numel = state.shape[-2] * state.shape[-1]
-        kernel[(partials.numel(),)](work, *inputs, *ns, mat_numel, *split, WRITE_NS=True, ACC=acc, **_NS_CONFIG)
+    n = work.numel()
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_SIZE"]),)  # noqa: E731
+    launch_tuned(tuned, grid, work, *inputs, *outs, n, *split, ACC=acc_dtype(state, *inputs))
     if work is not state:
         state.copy_(work)
-
-
-def _ns_buffers(t: Tensor, name: str, ns_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The NS input (t's shape, ``ns_dtype``) and the ``(B, blocks per matrix)`` fp32 partial sums."""
-    torch._check(t.dim() >= 2, lambda: f"{name} must have shape (..., m, n), got {tuple(t.shape)}")
-    mat_numel = t.shape[-2] * t.shape[-1]
-    batch = t.numel() // mat_numel if mat_numel else 0
-    blocks = triton.cdiv(mat_numel, _NS_CONFIG["BLOCK_SIZE"])
-    ns = torch.empty(t.shape, dtype=ns_dtype, device=t.device)
-    return ns, torch.empty(batch, blocks, dtype=torch.float32, device=t.device)  # each block writes its slot
 
 
 def storm_update_(m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> None:
@@ -178,8 +141,7 @@ def storm_update_(m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float) -> N
     _check_like(g_new, m, "g_new", "m")
     _check_like(g_old, m, "g_old", "m")
     if m.numel():
-        # ns_ptr/partial_ptr are unused without WRITE_NS; any pointer does.
-        _run(_storm_kernel, _storm_tuned, m, (g_new, g_old), (m, m), (momentum,))
+        _run(_storm_tuned, m, (g_new, g_old), (), (momentum,))
 
 
 def mars_update_(b: Tensor, g: Tensor, momentum: float, gamma: float) -> Tensor:
@@ -189,54 +151,16 @@ def mars_update_(b: Tensor, g: Tensor, momentum: float, gamma: float) -> Tensor:
     d = torch.empty(g.shape, dtype=g.dtype, device=g.device)
     if b.numel():
         coef = (1.0 - gamma) * (1.0 - momentum) / momentum
-        _run(_mars_kernel, _mars_tuned, b, (g,), (d, d), (momentum, coef, gamma))
+        _run(_mars_tuned, b, (g,), (d,), (momentum, coef, gamma))
     return d
-
-
-def storm_update_ns_input(
-    m: Tensor, g_new: Tensor, g_old: Tensor, momentum: float, ns_dtype: torch.dtype = torch.bfloat16
-) -> tuple[Tensor, Tensor]:
-    """``storm_update_`` that also emits what Newton–Schulz needs, in the same pass.
-
-    ``m: (..., r, c)`` is updated in place as in ``storm_update_``. Returns ``ns_input``, the new
-    ``m`` in ``ns_dtype`` (contiguous, m's shape), and ``sq_norms: (B,)`` fp32, ``B = m.numel() //
-    (r·c)``, the squared Frobenius norm of each matrix of the new ``m`` (of its values before
-    rounding to m's dtype). The norms are deterministic: fixed block size, fixed-order sum.
-    """
-    _check_like(g_new, m, "g_new", "m")
-    _check_like(g_old, m, "g_old", "m")
-    ns, partials = _ns_buffers(m, "m", ns_dtype)
-    if m.numel():
-        _run(_storm_kernel, _storm_tuned, m, (g_new, g_old), (), (momentum,), ns=(ns, partials))
-    return ns, partials.sum(dim=1)
-
-
-def mars_update_ns_input(
-    b: Tensor, g: Tensor, momentum: float, gamma: float, ns_dtype: torch.dtype = torch.bfloat16
-) -> tuple[Tensor, Tensor]:
-    """``mars_update_`` whose output ``d`` goes straight to the Newton–Schulz input.
-
-    Updates ``b`` in place; returns ``ns_input = d`` in ``ns_dtype`` (contiguous, b's shape) and
-    ``sq_norms: (B,)`` fp32, the squared Frobenius norm of each matrix of ``d`` (before rounding).
-    """
-    _check_like(g, b, "g", "b")
-    _check_momentum(momentum)
-    ns, partials = _ns_buffers(b, "b", ns_dtype)
-    if b.numel():
-        coef = (1.0 - gamma) * (1.0 - momentum) / momentum
-        _run(_mars_kernel, _mars_tuned, b, (g,), (), (momentum, coef, gamma), ns=(ns, partials))
-    return ns, partials.sum(dim=1)
 
 
 # -- ahead-of-time compile targets (format: limuon_kernels/triton/_compile_targets.py) ------------
 
 
 def _targets() -> list[KernelTarget]:
-    # fp32 state (m, b) with fp32 or bf16 gradients, and all-fp64 (fp64 arithmetic); the unused
-    # pointers are what the launchers pass.
+    # fp32 state (m, b) with fp32 or bf16 gradients, and all-fp64 (fp64 arithmetic).
     tuned = [KernelConfig({"BLOCK_SIZE": c.kwargs["BLOCK_SIZE"]}, c.num_warps, c.num_stages) for c in _CONFIGS]
-    fixed = [KernelConfig({"BLOCK_SIZE": _NS_CONFIG["BLOCK_SIZE"]}, _NS_CONFIG["num_warps"], _NS_CONFIG["num_stages"])]
-    f32, bf16 = ptr(torch.float32), ptr(torch.bfloat16)
 
     def split(*names: str) -> dict[str, str]:
         return {f"{x}_{part}": "fp32" for x in names for part in ("hi", "mid", "lo")}
@@ -246,37 +170,20 @@ def _targets() -> list[KernelTarget]:
         st, g = ptr(state_dtype), ptr(g_dtype)
         acc = tl.float64 if state_dtype == torch.float64 else tl.float32
         tag = f"state={dtype_name(state_dtype)},g={dtype_name(g_dtype)}"
-        storm_args = {"m_ptr": st, "g_new_ptr": g, "g_old_ptr": g}
-        storm_scalars = {"mat_numel": "i32", **split("mu")}
-        mars_scalars = {"mat_numel": "i32", **split("mu", "coef", "gamma")}
         targets += [
             KernelTarget(
                 f"storm_update[{tag}]",
                 _storm_kernel,
-                {**storm_args, "ns_ptr": st, "partial_ptr": st, **storm_scalars},
+                {"m_ptr": st, "g_new_ptr": g, "g_old_ptr": g, "numel": "i32", **split("mu")},
                 tuned,
-                {"WRITE_NS": False, "ACC": acc},
-            ),
-            KernelTarget(
-                f"storm_update_ns_input[{tag}]",
-                _storm_kernel,
-                {**storm_args, "ns_ptr": bf16, "partial_ptr": f32, **storm_scalars},
-                fixed,
-                {"WRITE_NS": True, "ACC": acc},
+                {"ACC": acc},
             ),
             KernelTarget(
                 f"mars_update[{tag}]",
                 _mars_kernel,
-                {"b_ptr": st, "g_ptr": g, "d_ptr": g, "partial_ptr": g, **mars_scalars},
+                {"b_ptr": st, "g_ptr": g, "d_ptr": g, "numel": "i32", **split("mu", "coef", "gamma")},
                 tuned,
-                {"WRITE_NS": False, "ACC": acc},
-            ),
-            KernelTarget(
-                f"mars_update_ns_input[{tag}]",
-                _mars_kernel,
-                {"b_ptr": st, "g_ptr": g, "d_ptr": bf16, "partial_ptr": f32, **mars_scalars},
-                fixed,
-                {"WRITE_NS": True, "ACC": acc},
+                {"ACC": acc},
             ),
         ]
     return targets

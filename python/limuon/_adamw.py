@@ -3,12 +3,11 @@ orthogonalised (embeddings, norms, biases, groups with ``algorithm="adamw"``).""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from limuon._distributed import local, wrap_like
+from limuon._nonfinite import StepGuard
 
 _FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 _FUSED_ADAMW_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -20,35 +19,40 @@ def _fusable(dtype: torch.dtype, tensors: tuple[Tensor, ...]) -> bool:
     return all(t.dtype == dtype and t.is_contiguous() for t in tensors)
 
 
-def _adamw_update(device: torch.device, dtype: torch.dtype, params: list[Tensor], grads: list[Tensor],
-                  exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[float], lr: float,
-                  beta1: float, beta2: float, weight_decay: float, eps: float) -> None:
-    """One AdamW update (``steps``: the step numbers after this one) of same-device, same-dtype tensors.
+def _adamw_update(device: torch.device, dtype: torch.dtype, tensors: list[list[Tensor]], steps: list[Tensor],
+                  hyper: dict, found: Tensor) -> None:
+    """One AdamW update of same-device, same-dtype tensors ``tensors = [params, grads, exp_avgs, exp_avg_sqs]``
+    whose ``steps`` (0-d tensors on ``device``) already count this step; nothing changes when ``found`` is set.
 
-    torch's fused AdamW kernel where it has one (one pass over each tensor, as
-    ``torch.optim.AdamW(fused=True)``), else the same arithmetic with foreach ops."""
-    fusable = [_fusable(dtype, ts) for ts in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    torch's fused AdamW kernel where it has one (one pass over each tensor, as torch.optim.AdamW(fused=True),
+    ``found`` as its ``found_inf``), else the same arithmetic with tensor ops and no host read (bias
+    corrections from the step tensors, the result selected on the device)."""
+    fusable = [_fusable(dtype, ts) for ts in zip(*tensors)]
+    # (torch.compile cannot functionalise torch's fused kernel: under compilation the tensor-op form is traced,
+    # and Inductor fuses it)
     if device.type in _FUSED_ADAMW_DEVICES and dtype in _FUSED_ADAMW_DTYPES and hasattr(torch, "_fused_adamw_") \
-            and any(fusable):
-        fused = [[t for t, ok in zip(ts, fusable) if ok] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps)]
-        # The kernel reads the step from a tensor on the parameters' device (one small copy).
-        step_tensors = list(torch.tensor(fused[4], dtype=torch.float32, device=device).unbind(0))
-        torch._fused_adamw_(*fused[:4], [], step_tensors, lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=weight_decay, eps=eps, amsgrad=False, maximize=False)
-        params, grads, exp_avgs, exp_avg_sqs, steps = (
-            [t for t, ok in zip(ts, fusable) if not ok] for ts in (params, grads, exp_avgs, exp_avg_sqs, steps))
-        if not params:
-            return
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    for p, m, v, step in zip(params, exp_avgs, exp_avg_sqs, steps):
-        bias1 = 1.0 - beta1**step
-        bias2_sqrt = math.sqrt(1.0 - beta2**step)
-        denom = (v.sqrt() / bias2_sqrt).add_(eps)
-        p.addcdiv_(m, denom, value=-lr / bias1)
+            and any(fusable) and not torch.compiler.is_compiling():
+        fused = [[t for t, ok in zip(ts, fusable) if ok] for ts in (*tensors, steps)]
+        torch._fused_adamw_(*fused[:4], [], fused[4], **hyper, amsgrad=False, maximize=False, found_inf=found)
+        tensors, steps = [[t for t, ok in zip(ts, fusable) if not ok] for ts in tensors], \
+            [s for s, ok in zip(steps, fusable) if not ok]
+    if not tensors[0]:
+        return
+    keep = found != 0
+    lr, beta1, beta2, wd, eps = (hyper[k] for k in ("lr", "beta1", "beta2", "weight_decay", "eps"))
+    for p, g, m, v, step in zip(*tensors, steps):
+        # torch.optim.AdamW's in-place sequence (its capturable form: bias corrections from the step tensor),
+        # in fp32 at least (a 0-d fp32 factor would be rounded to a bf16 operand's dtype), on copies that
+        # replace the state unless the step is skipped
+        acc = torch.promote_types(p.dtype, torch.float32)
+        g = g.to(acc)
+        p_new, m_new, v_new = p.to(acc) * (1.0 - lr * wd), m.to(acc).lerp(g, 1.0 - beta1), v.to(acc) * beta2
+        v_new.addcmul_(g, g, value=1.0 - beta2)
+        step_size_neg = -lr / (1.0 - torch.pow(beta1, step))
+        bias2_sqrt = (1.0 - torch.pow(beta2, step)).sqrt()
+        p_new.addcdiv_(m_new, (v_new.sqrt() / (bias2_sqrt * step_size_neg)).add_(eps / step_size_neg))
+        for old, new in ((p, p_new), (m, m_new), (v, v_new)):
+            old.copy_(torch.where(keep, old, new.to(old.dtype)))
 
 
 def adamw_lr(group: dict) -> float:
@@ -70,49 +74,57 @@ def adamw_lr(group: dict) -> float:
     return float(group["adamw_lr"]) * lr / created
 
 
-def adamw_step(group: dict, params: list[Tensor], state: dict, record_update: bool = False) -> None:
-    """torch.optim.AdamW's update (decoupled weight decay, bias correction) of ``params`` (with grads).
-
-    ``record_update``: also keep ``state[p]["last_update"] = W_before − W_after`` in bf16, what exact
-    mode adds to move the parameter back to its previous iterate (a transient fp32 copy of the
-    parameters of one device and dtype is made for it).
-    """
-    if not params:
-        return
-    lr = adamw_lr(group)
-    wd = group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"]
-    beta1, beta2 = group["adamw_betas"]
-    eps = group["adamw_eps"]
+def _init_state(params: list[Tensor], state: dict) -> None:
     for p in params:
         st = state[p]
         if "exp_avg" not in st:
-            st["step"] = torch.tensor(0.0)
+            st["step"] = torch.zeros((), dtype=torch.float32, device=local(p).device)
             st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not isinstance(st["step"], Tensor):  # a plain number (checkpoints of torch < 1.12)
+            st["step"] = torch.tensor(float(st["step"]), dtype=torch.float32, device=local(p).device)
+
+
+def adamw_step(group: dict, params: list[Tensor], state: dict, guard: StepGuard,
+               record_update: bool = False) -> None:
+    """torch.optim.AdamW's update (decoupled weight decay, bias correction) of ``params`` (with grads),
+    skipped on the device when ``guard.found`` is set. Step counters are tensors on the parameters' device
+    (as torch's fused AdamW keeps them), advanced by ``guard.ok``.
+
+    ``record_update``: also keep ``state[p]["last_update"] = W_before − W_after`` in bf16, what exact
+    mode adds to move the parameter back to its previous iterate (a transient copy of the parameters of
+    one device and dtype is made for it).
+    """
+    if not params:
+        return
+    beta1, beta2 = group["adamw_betas"]
+    wd = group["adamw_weight_decay"] if group["adamw_weight_decay"] is not None else group["weight_decay"]
+    hyper = dict(lr=adamw_lr(group), beta1=beta1, beta2=beta2, weight_decay=wd, eps=group["adamw_eps"])
+    _init_state(params, state)
     # Elementwise, so each rank updates its own shard; one fused kernel per (device, dtype).
     by_kind: dict[tuple, list[Tensor]] = {}
     for p in params:
         by_kind.setdefault((local(p).device, local(p).dtype), []).append(p)
     for (device, dtype), ps in by_kind.items():
-        tensors = [[local(t) for t in (p, p.grad, state[p]["exp_avg"], state[p]["exp_avg_sq"])] for p in ps]
-        steps = [float(state[p]["step"]) + 1.0 for p in ps]
-        before = [local(p).clone() for p in ps] if record_update else None
-        _adamw_update(device, dtype, *map(list, zip(*tensors)), steps, lr, beta1, beta2, wd, eps)
-        for p, step in zip(ps, steps):
-            if isinstance(state[p]["step"], Tensor):
-                state[p]["step"].fill_(step)
-            else:  # a plain number (checkpoints of torch < 1.12)
-                state[p]["step"] = torch.tensor(step)
+        tensors = [[local(p) for p in ps], [local(p.grad) for p in ps],
+                   [local(state[p]["exp_avg"]) for p in ps], [local(state[p]["exp_avg_sq"]) for p in ps]]
+        steps = [state[p]["step"] for p in ps]
+        torch._foreach_add_(steps, [guard.ok_on(device)] * len(steps))
+        before = torch._foreach_mul(tensors[0], 1.0) if record_update else None  # (x·1 is x, bit for bit)
+        _adamw_update(device, dtype, tensors, steps, hyper, guard.found_on(device))
         if before is not None:
-            torch._foreach_sub_(before, [local(p) for p in ps])
-            record_last_update(ps, before, state)
+            torch._foreach_sub_(before, tensors[0])
+            record_last_update(ps, before, state, guard.found_on(device))
 
 
-def record_last_update(params: list[Tensor], deltas: list[Tensor], state: dict) -> None:
-    """``state[p]["last_update"] ← bf16(delta)`` for each parameter (in place when it exists)."""
+def record_last_update(params: list[Tensor], deltas: list[Tensor], state: dict, found: Tensor) -> None:
+    """``state[p]["last_update"] ← bf16(delta)`` for each parameter, kept as it was when ``found`` is set
+    (then ``delta`` is 0: the parameters did not move)."""
+    held = [state[p].get("last_update") for p in params]
+    if all(isinstance(h, Tensor) and h.shape == p.shape for h, p in zip(held, params)):
+        buffers = [local(h) for h in held]
+        torch._foreach_mul_(buffers, found)
+        torch._foreach_add_(buffers, deltas)
+        return
     for p, delta in zip(params, deltas):
-        held = state[p].get("last_update")
-        if isinstance(held, Tensor) and held.shape == p.shape:
-            local(held).copy_(delta.view_as(local(held)))
-        else:
-            state[p]["last_update"] = wrap_like(p, delta.to(torch.bfloat16).view(local(p).shape))
+        state[p]["last_update"] = wrap_like(p, (delta * (1.0 - found)).to(torch.bfloat16).view(local(p).shape))

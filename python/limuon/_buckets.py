@@ -48,7 +48,10 @@ class Bucket:
     def stack(self, tensors: list[Tensor]) -> Tensor:
         """This rank's parts of per-parameter tensors (shaped like the parameters) as one ``(B, m_local, n)``
         stack: a flattened matrix contributes one slice, a stacked parameter one per matrix."""
-        return torch.cat([local(t).reshape(c, *self.local_shape) for t, c in zip(tensors, self.counts)])
+        held = [local(t) for t in tensors]
+        if all(t.shape == self.local_shape for t in held):  # (one op, not a view per parameter and a cat)
+            return torch.stack(held)
+        return torch.cat([t.reshape(c, *self.local_shape) for t, c in zip(held, self.counts)])
 
     def unit_keys(self, j: int) -> list[tuple[int, ...]]:
         """Per matrix of parameter ``j`` on this rank, the keys its RSVD seed takes after (group seed, parameter
@@ -96,15 +99,3 @@ def make_buckets(params: list[Tensor], indices: list[int], view: str = "flatten"
         b.leads.append(lead)
         b.first_unit.append(first)
     return list(buckets.values())
-
-
-def apply_update(params: list[Tensor], O: Tensor, lr: float, weight_decay: float, scale: float,
-                 counts: list[int] | None = None) -> None:
-    """``W ← W·(1 − lr·wd) − lr·scale·O`` for every matrix of the batch (decoupled weight decay);
-    ``params`` are the tensors this rank holds (local shards), ``O`` their part of the update, ``counts[j]``
-    consecutive matrices per parameter (1 each by default)."""
-    parts = O.split([1] * len(params) if counts is None else counts)
-    updates = [o.view(p.shape) for o, p in zip(parts, params)]
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, updates, alpha=-lr * scale)

@@ -9,15 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 import limuon_kernels as lk
 from limuon._adamw import adamw_step
+from limuon._buckets import Bucket
 from limuon._checks import ADAMW, check_adamw_group, check_choice, check_number, ns_dtype, ns_dtype_name
 from limuon._distributed import Distribution, adapt_to_param, check_dtensor_param, local, resolve_group, wrap_like
-from limuon._gradients import NonFiniteGradientError, check_gradients
+from limuon._functional import Orthogonalizer, orthogonalizer
+from limuon._gradients import NonFiniteGradientError, check_presence, nonfinite_message
+from limuon._nonfinite import NONFINITE_MODES, StepGuard
 from limuon._stacks import PARAM_SHAPED_STATE, StackedStateMixin, is_inner_slice
+from limuon._step_cache import StepCache
 
 __all__ = ["HybridOptimizer", "NonFiniteGradientError"]
 
@@ -30,6 +35,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
     """
 
     _matrix_algorithm = "matrix"
+    nonfinite = "raise"  # (what an optimizer unpickled from an older version without the attribute does)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -43,6 +49,8 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
             group["ns_compute_dtype"] = ns_dtype_name(group.get("ns_compute_dtype"))
             for j, p in enumerate(group["params"]):
                 self._check_param(group, first_index + j, p)
+            # The step's device flags exist before any step (a compiled step then only mutates them).
+            self.step_cache().allocate_flags(local(p).device for p in group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -83,12 +91,27 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
                 f"{type(self).__name__} with distributed_mesh cannot be copied or pickled (a process group cannot); "
                 "save optimizer.state_dict() (or use torch.distributed.checkpoint) and load it into a new optimizer"
             )
-        return {**super().__getstate__(), "_distributed_mesh": None}
+        return {**super().__getstate__(), "_distributed_mesh": None, "nonfinite": self.nonfinite}
 
-    def _set_distributed_mesh(self, distributed_mesh: Any) -> None:
-        """Validate and keep ``distributed_mesh`` (before ``Optimizer.__init__`` adds the groups)."""
+    def _set_distributed_mesh(self, distributed_mesh: Any, nonfinite: str = "raise") -> None:
+        """Validate and keep ``distributed_mesh`` and ``nonfinite`` (before ``Optimizer.__init__`` adds groups)."""
+        check_choice("nonfinite", nonfinite, NONFINITE_MODES)
         resolve_group(distributed_mesh)
         self._distributed_mesh = distributed_mesh
+        self.nonfinite = nonfinite
+
+    def step_cache(self) -> StepCache:
+        """Device tensors the step reuses (rebuilt after a copy or unpickling)."""
+        cache = self.__dict__.get("_step_cache")
+        if cache is None:
+            cache = self.__dict__["_step_cache"] = StepCache()
+        return cache
+
+    @property
+    def skipped_steps(self) -> Tensor:
+        """How many steps were skipped on the device for a non-finite gradient (a 0-d tensor on the
+        parameters' device, counted without a host read; read it when you want to know)."""
+        return self.step_cache().allocate_flags([])
 
     def distribution(self) -> Distribution:
         """Matrix ownership across ranks (updated when parameters are added; owners never move)."""
@@ -102,10 +125,28 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
             self.__dict__["_distribution_key"] = key
         return distribution
 
-    def _check_step_gradients(self) -> None:
-        """Every gradient of this step (also the missing ones, which all ranks must agree on)."""
+    def _begin_step(self, previous: list | None = None) -> StepGuard:
+        """Check this step's gradients (types and presence: host-side) and find non-finite ones on the
+        device. ``previous``: exact mode's (index, param, gradient at W_{k−1}) items, checked alike."""
         items = [(idx, p, p.grad) for idx, p in enumerate(self._all_params())]
-        check_gradients(items, group=self.distribution().group, lost_state=self._lost_state(items))
+        group = self.distribution().group
+        check_presence(items, group=group, lost_state=self._lost_state(items))
+        checked = [("gradient", items)] + ([("gradient at the previous iterate", previous)] if previous else [])
+        grads = [g for _, its in checked for _, _, g in its if g is not None]
+        guard = StepGuard(self.step_cache().flags, grads, group)
+        guard.checked = checked
+        return guard
+
+    def _settle(self, guard: StepGuard) -> None:
+        """``nonfinite="raise"``: the step's one host read (before the first change that the device flag
+        cannot undo, or at the end); raises with nothing changed. ``"skip"``: nothing to do."""
+        if self.nonfinite == "raise":
+            guard.settle(lambda: nonfinite_message(guard.checked, self.distribution().group))
+
+    def _finish_step(self, guard: StepGuard) -> None:
+        self._settle(guard)
+        counter = self.step_cache().allocate_flags([guard.device])
+        counter.add_(guard.found_on(counter.device))
 
     def _lost_state(self, items: list[tuple[int, Tensor, Tensor | None]]) -> list[bool] | None:
         """Per item: state this rank needs for the step is missing (see check_gradients)."""
@@ -114,16 +155,10 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
     def _all_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    @staticmethod
-    def _orthogonalize(group: dict, X: Tensor) -> Tensor:
-        """The orthogonalised ``(B, m, n)`` batch (Newton–Schulz, or the SVD polar factor when the group
-        asks for it); an empty batch (a rank that owns none of these matrices) stays empty."""
-        if X.shape[0] == 0:
-            return X.clone()
-        if group.get("orthogonalizer") == "svd":
-            return lk.orthogonalize_svd(X)
-        return lk.newton_schulz(X, steps=group["ns_steps"], coefficients=group["ns_coefficients"],
-                                eps=group["eps"], compute_dtype=ns_dtype(group), method=group.get("ns_method", "auto"))
+    def _orthogonalizer(self, group: dict, bucket: Bucket) -> Orthogonalizer:
+        """How the group orthogonalises this bucket's matrices (NS form, coefficients, compute dtype)."""
+        device = bucket.local_params[0].device
+        return orthogonalizer(group, bucket.shape, device, ns_dtype(group) or lk.get_ns_compute_dtype(device))
 
     def _check_group(self, group: dict) -> None:
         check_choice("algorithm", group.get("algorithm"), (None, ADAMW, self._matrix_algorithm))
@@ -147,8 +182,10 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
             out.append((group, mats, others))
         return out
 
-    def _adamw_step(self, group: dict, params: list[Tensor], record_update: bool = False) -> None:
-        adamw_step(group, params, self.state, record_update)
+    def _adamw_step(self, group: dict, params: list[Tensor], guard: StepGuard, record_update: bool = False) -> None:
+        if any("exp_avg" not in self.state.get(p, {}) for p in params):
+            self._settle(guard)  # (new state: a raised step must not leave it behind)
+        adamw_step(group, params, self.state, guard, record_update)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's optimizer state dict. Under FSDP2, a ``DTensor`` state entry that is a slice of a
@@ -208,11 +245,15 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         state_dict = self.adapt_layouts(self._complete_groups(state_dict))
         self.__dict__["_stacks"] = {}  # the old stacked tensors must not outlive the old state
         super().load_state_dict(state_dict)
-        for st in self.state.values():
-            # Step counters stay on the CPU (a checkpoint loaded with map_location="cuda" moves
-            # them): they are read as Python numbers every step, which would sync with the GPU.
-            if isinstance(st, dict) and isinstance(st.get("step"), Tensor) and st["step"].device.type != "cpu":
-                st["step"] = st["step"].cpu()
+        self.steps_to_devices()
+
+    def steps_to_devices(self) -> None:
+        """Step counters live on their parameter's device as fp32 0-d tensors (the kernels read them there;
+        a checkpoint holds them wherever it was saved or mapped)."""
+        for p, st in self.state.items():
+            step = st.get("step") if isinstance(st, dict) else None
+            if step is not None:
+                st["step"] = torch.as_tensor(step, dtype=torch.float32).to(local(p).device).reshape(())
 
     def check_backends(self) -> None:
         """Resolve the kernel backend for every device the parameters live on, before any update,

@@ -254,6 +254,8 @@ class Distribution:
         else:
             return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]], counts)
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if world == 1:  # (nothing to distribute: the single-process step, fused and bit for bit the same)
+            return BucketLayout(None, "local", 1, 0, [0] * len(params), shape, [shape[0]], counts)
         owners = [self.owner(p, world) for p in params]
         # (The rows a rank holds were checked against these sizes when the parameter was added.)
         rows = shard_rows(shape[0], world) if mode == "sharded" else [shape[0]] * world

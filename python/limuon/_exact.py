@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from limuon._distributed import local
-from limuon._gradients import check_gradients
+from limuon._gradients import check_presence
 
 RESTORE_SCOPES = ("all", "matrices")
 
@@ -56,33 +56,40 @@ def closure_at_previous_iterate(
     If the closure raises, parameters, gradients and generators are put back as they were.
     """
     saved_grads = [p.grad for p in params]
-    saved_weights = [local(p).clone() for p in movers]
+    held = [local(p) for p in movers]
+    saved_weights = torch._foreach_mul(held, 1.0) if held else []  # one launch; x·1 is x, bit for bit
     rng = rng_state()
     ok = False
     try:
         for p in params:
             p.grad = None
         if movers:
-            torch._foreach_add_([local(p) for p in movers],
-                                [local(state[p]["last_update"]).view_as(local(p)) for p in movers])
+            torch._foreach_add_(held, [_as_param(local(state[p]["last_update"]), h) for p, h in zip(movers, held)])
         with torch.enable_grad():
             closure()
         grads = {id(p): p.grad for p in params}
         ok = True
     finally:
         set_rng_state(rng)
-        for p, w in zip(movers, saved_weights):
-            local(p).copy_(w)
+        if held:
+            torch._foreach_copy_(held, saved_weights)
         for p, g in zip(params, saved_grads):
             p.grad = None if ok else g
     return grads
 
 
+def _as_param(t: Tensor, held: Tensor) -> Tensor:
+    return t if t.shape == held.shape else t.view(held.shape)
+
+
+PREVIOUS = "gradient at the previous iterate (closure call at W_{k-1})"
+
+
 def previous_gradients(needed: list[tuple[int, Tensor]], grads: dict[int, Tensor | None],
-                       process_group: Any) -> dict[int, Tensor]:
-    """The gradients at ``W_{k−1}`` of the ``needed`` (index, matrix) pairs, each required (on every rank)
-    and finite, else the step is refused with nothing changed."""
+                       process_group: Any) -> list[tuple[int, Tensor, Tensor | None]]:
+    """The gradients at ``W_{k−1}`` of the ``needed`` (index, matrix) pairs as (index, param, grad) items, each
+    required (on every rank), else the step is refused with nothing changed. (Their finiteness is part of
+    the step's device flag.)"""
     wanted = [(i, p, grads.get(id(p))) for i, p in needed]
-    check_gradients(wanted, what="gradient at the previous iterate (closure call at W_{k-1})",
-                    group=process_group, required=True)
-    return {id(p): g for _, p, g in wanted}
+    check_presence(wanted, what=PREVIOUS, group=process_group, required=True)
+    return wanted

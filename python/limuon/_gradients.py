@@ -1,4 +1,5 @@
-"""Gradient checks before a step: sparse, complex, missing and non-finite gradients (on every rank)."""
+"""Gradient checks before a step: sparse, complex and missing gradients (host-side, no tensor reads), and
+the message that names a non-finite gradient once the device flag (``_nonfinite.StepGuard``) was read."""
 
 from __future__ import annotations
 
@@ -14,16 +15,11 @@ class NonFiniteGradientError(RuntimeError):
     """A gradient holds NaN or Inf; the step was refused and nothing was changed."""
 
 
-def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = "gradient",
-                    group: Any = None, required: bool = False, lost_state: list[bool] | None = None) -> None:
-    """Refuse sparse, complex or non-finite gradients; ``items`` are (param index, param, grad or None).
+Items = list[tuple[int, Tensor, Tensor | None]]
 
-    A ``None`` gradient is skipped, or refused when ``required``. With a process ``group`` every rank
-    must see the same thing: the flags of all ranks are combined with one all-reduce, so a NaN in one
-    rank's shard, or a gradient that exists on some ranks only, fails the step on every rank (instead of
-    one rank raising while the others wait in a collective). One host synchronisation in all.
-    ``lost_state[j]``: this rank owns matrix ``j`` but lacks its low-rank factors (checked alike).
-    """
+
+def check_gradient_types(items: Items, what: str = "gradient") -> None:
+    """Refuse sparse or complex gradients; ``items`` are (param index, param, grad or None)."""
     for idx, p, g in items:
         if g is None:
             continue
@@ -37,18 +33,24 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = 
                 f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is complex; limuon supports real "
                 "tensors only"
             )
+
+
+def check_presence(items: Items, what: str = "gradient", group: Any = None, required: bool = False,
+                   lost_state: list[bool] | None = None) -> None:
+    """Refuse a missing gradient where one is ``required``, and state this rank lacks (``lost_state[j]``:
+    it owns matrix ``j`` but lacks its low-rank factors). With a process ``group`` every rank must agree:
+    the flags of all ranks are combined with one all-reduce (the distributed step's one host read), so a
+    gradient that exists on some ranks only fails the step on every rank instead of hanging a collective."""
+    check_gradient_types(items, what)
     if not items:
         return
     present = [g is not None for _, _, g in items]
-    if group is None and not required and not all(present):
-        items = [it for it, has in zip(items, present) if has]
-        present = [True] * len(items)
-        if not items:
-            return
-    nonfinite = [not finite for finite in _all_finite([g for _, _, g in items])]
     lost = lost_state if lost_state is not None else [False] * len(items)
-    flags = torch.tensor([present, nonfinite, lost], dtype=torch.int32).reshape(-1)
-    anywhere, everywhere = (t.tolist() for t in reduce_flags(group, flags))
+    if group is None:
+        anywhere, everywhere = present + lost, present + lost
+    else:
+        flags = torch.tensor([present, lost], dtype=torch.int32).reshape(-1)
+        anywhere, everywhere = (t.tolist() for t in reduce_flags(group, flags))
     n = len(items)
     for j, (idx, p, _) in enumerate(items):
         if anywhere[j] and not everywhere[j]:
@@ -61,7 +63,7 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = 
                 f"The closure produced no {what} for parameter {idx} (shape {tuple(p.shape)}); it must run "
                 "backward through the same parameters every time it is called"
             )
-    lost_somewhere = [j for j, flag in enumerate(anywhere[2 * n:]) if flag]
+    lost_somewhere = [j for j, flag in enumerate(anywhere[n:]) if flag]
     if lost_somewhere:
         idx, p, _ = items[lost_somewhere[0]]
         raise RuntimeError(
@@ -69,27 +71,21 @@ def check_gradients(items: list[tuple[int, Tensor, Tensor | None]], what: str = 
             "rank that owns it. Restore optimizer state with the optimizer's own state_dict() (which gathers "
             "them from their owners under FSDP2) or torch.distributed.checkpoint. Nothing was changed"
         )
-    bad = [j for j, flag in enumerate(anywhere[n: 2 * n]) if flag]
-    if bad:
-        idx, p, _ = items[bad[0]]
-        where = " on at least one rank" if group is not None else ""
-        raise NonFiniteGradientError(
-            f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is not finite{where} (it contains NaN or "
-            "Inf); the step was skipped and no parameter or optimizer state was changed"
-        )
 
 
-def _all_finite(grads: list[Tensor | None]) -> list[bool]:
-    """Per gradient (``None``: True): no NaN or Inf in it. One host synchronisation.
-
-    A sum is NaN or ±Inf when any element is, and is one fast read of the tensor (``isfinite().all()``
-    takes ~30× longer on CPU); a non-finite sum can also come from overflow of finite values, so the
-    gradients it flags are checked exactly."""
-    sums = [local(g).sum(dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else None)
-            for g in grads if g is not None]
-    if not sums:
-        return [True] * len(grads)
-    device = sums[0].device  # (parameters may live on several devices: the flags go to one)
-    ok = iter(torch.isfinite(torch.stack([s.to(device) for s in sums])).tolist())
-    finite = [True if g is None else next(ok) for g in grads]
-    return [f or bool(torch.isfinite(local(g)).all()) for f, g in zip(finite, grads)]
+def nonfinite_message(checked: list[tuple[str, Items]], group: Any = None) -> str:
+    """Name the first non-finite gradient of ``checked`` ((what, items) pairs). Called only after the device
+    flag said there is one, on every rank alike (an error path: it reads the gradients back, and with a
+    process ``group`` combines every rank's findings with one all-reduce, so every rank names it)."""
+    flat = [(what, idx, p, g) for what, items in checked for idx, p, g in items]
+    bad = torch.tensor([g is not None and not bool(torch.isfinite(local(g)).all()) for _, _, _, g in flat],
+                       dtype=torch.int32)
+    if group is not None:
+        bad = reduce_flags(group, bad)[0]
+    where = " on at least one rank" if group is not None else ""
+    for (what, idx, p, _), flag in zip(flat, bad.tolist()):
+        if flag:
+            return (f"The {what} of parameter {idx} (shape {tuple(p.shape)}) is not finite{where} (it contains NaN "
+                    "or Inf); the step was skipped and no parameter or optimizer state was changed")
+    return ("A gradient is not finite (it contains NaN or Inf); the step was skipped and no parameter or optimizer "
+            "state was changed")

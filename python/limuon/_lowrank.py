@@ -49,11 +49,10 @@ class LowRankMomentumMixin:
                         )
                 index += 1
 
-    def _lowrank_momentum(self, group: dict, bucket: Bucket, owned: list[int], G: Tensor, G_old: Tensor | None,
-                          mu: float) -> tuple[Tensor, Tensor]:
-        """Option #2 on the owner: the new momentum ``buf`` and the orthogonaliser input from the stored
-        factors of the parameters ``owned`` (bucket positions) and their gradients ``G`` (whole matrices,
-        ``(B_own, m, n)``).
+    def _lowrank_momentum(self, bucket: Bucket, owned: list[int], G: Tensor, G_old: Tensor | None,
+                          coefficients: list[float], x_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Option #2 on the owner: ``(buf, X, sqnorm)`` of ``lk.lowrank_momentum_ns_input`` from the stored factors
+        of the parameters ``owned`` (bucket positions) and their gradients ``G`` (whole matrices, ``(B_own, m, n)``).
 
         Parameters whose stored rank differs (the group's rank changed while some skipped steps) are
         computed in separate batches, since their factors cannot be stacked together."""
@@ -64,57 +63,67 @@ class LowRankMomentumMixin:
                 raise RuntimeError(
                     f"LiMuon has no low-rank factors for parameter {bucket.indices[j]} (shape {tuple(p.shape)})")
         if G.shape[0] == 0:  # (no matrix here: a rank holding none of a stacked parameter's experts)
-            return G, G
+            return G, G.to(x_dtype), G.new_zeros(0, dtype=torch.float32)
         by_rank: dict[int, list[int]] = {}
         for k, p in enumerate(params):
             by_rank.setdefault(self.state[p]["U"].shape[-1], []).append(k)
         if len(by_rank) == 1:
-            return self._lowrank_momentum_batch(group, params, leads, G, G_old, mu)
+            U, S, V = (self.stacked_state(params, key, leads=leads) for key in FACTORS)
+            return lk.lowrank_momentum_ns_input(U, S, V, G, G_old, coefficients, x_dtype)
         counts = [unit_count(lead) for lead in leads]
         starts = [sum(counts[:k]) for k in range(len(counts))]
-        buf, ns_in = torch.empty_like(G), torch.empty_like(G)
+        buf, X = torch.empty_like(G), torch.empty_like(G, dtype=x_dtype)
+        sqnorm = G.new_empty(G.shape[0], dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
         for ks in by_rank.values():
             rows = [starts[k] + e for k in ks for e in range(counts[k])]
-            if not rows:
-                continue
-            b, x = self._lowrank_momentum_batch(group, [params[k] for k in ks], [leads[k] for k in ks], G[rows],
-                                                None if G_old is None else G_old[rows], mu)
-            buf[rows], ns_in[rows] = b, x
-        return buf, ns_in
+            sub = [params[k] for k in ks]
+            U, S, V = (self.stacked_state(sub, key, leads=[leads[k] for k in ks]) for key in FACTORS)
+            buf[rows], X[rows], sqnorm[rows] = lk.lowrank_momentum_ns_input(
+                U, S, V, G[rows], None if G_old is None else G_old[rows], coefficients, x_dtype)
+        return buf, X, sqnorm
 
-    def _lowrank_momentum_batch(self, group: dict, params: list[Tensor], leads: list, G: Tensor,
-                                G_old: Tensor | None, mu: float) -> tuple[Tensor, Tensor]:
-        mode, gamma = group["variance_reduction"], group["gamma"]
-        U, S, V = (self.stacked_state(params, k, leads=leads) for k in FACTORS)
-        if mode == "exact":
-            buf = lk.lowrank_storm(U, S, V, G, G_old, mu)
-            return buf, buf
-        if mode == "none":
-            buf = lk.lowrank_axpby(U, S, V, G, mu, 1.0 - mu)
-            return buf, buf
-        buf = lk.lowrank_axpby(U, S, V, G, mu, (1.0 - gamma) * (1.0 - mu) / mu)
-        return buf, buf.mul(mu).add_(G, alpha=gamma)
+    def _compress(self, group: dict, bucket: Bucket, layout: Any, buf_own: Tensor, steps: Tensor,
+                  skip: Tensor) -> None:
+        """Option #2: the owners replace the momentum of their matrices by its randomized SVD, in place in the
+        stored factors when they have this rank (else in new ones, zero where the step is skipped). Under DDP
+        the factors are then all-gathered (replicated state, like everything else there); under FSDP2 they
+        stay on the owner (for stacked parameters sharded on the expert dim: on every rank, each keeping the
+        factors of its own matrices, as ``DTensor``s sharded like the parameter).
 
-    def _compress(self, group: dict, bucket: Bucket, layout: Any, buf_own: Tensor) -> None:
-        """Option #2: the owners replace the momentum of their matrices by its randomized SVD. Under DDP
-        the factors are then all-gathered (replicated state, like everything else there); under FSDP2
-        they stay on the owner (for stacked parameters sharded on the expert dim: on every rank, each
-        keeping the factors of its own matrices, as ``DTensor``s sharded like the parameter).
-
-        Seeds: ``derive_seed(seed, i, t)`` for parameter ``i`` at its step ``t``; matrix ``e`` (its global
-        index) of a stacked parameter: ``derive_seed(seed, i, t, e)``."""
+        Seeds: ``derive_seed(seed, i, t)`` for parameter ``i`` at its step ``t`` (``steps``: the bucket's step
+        counters, on the device); matrix ``e`` (its global index) of a stacked parameter: ``derive_seed(seed, i,
+        e, t)``. The kernels finish each seed from its key and the counter on the device."""
         params, owned = bucket.params, layout.owned_params
-        if buf_own.shape[0] > 0:
-            seeds = [lk.derive_seed(group["seed"], bucket.indices[j], int(self.state[params[j]]["step"]), *extra)
-                     for j in owned for extra in bucket.unit_keys(j)]
-            factors = lk.rsvd(buf_own, group["rank"], group["oversample"], group["power_iters"], seed=seeds)
-        else:  # (an all-gather below still needs this rank's empty share)
-            (m, n), r = layout.shape, group["rank"]
-            factors = tuple(buf_own.new_empty(shape, dtype=torch.float32) for shape in ((0, m, r), (0, r), (0, n, r)))
+        (m, n), r = layout.shape, group["rank"]
         holders, leads = [params[j] for j in owned], [bucket.leads[j] for j in owned]
+        factors = self._factors_in_place(holders, leads, r, buf_own) if layout.mode != "replicated" else None
+        in_place = factors is not None
+        if factors is None:
+            factors = tuple(buf_own.new_zeros(shape, dtype=torch.float32)
+                            for shape in ((buf_own.shape[0], m, r), (buf_own.shape[0], r), (buf_own.shape[0], n, r)))
+        if buf_own.shape[0] > 0:
+            cache = self.step_cache()
+            units = [(j, extra) for j in owned for extra in bucket.unit_keys(j)]
+            keys = cache.seed_keys(group["seed"], tuple((bucket.indices[j], *extra) for j, extra in units),
+                                   buf_own.device)
+            rows = tuple(j for j, _ in units)
+            unit_steps = steps if rows == tuple(range(len(params))) else \
+                steps.index_select(0, cache.index(rows, steps.device))
+            lk.rsvd_update_(*factors, buf_own, group["oversample"], group["power_iters"], keys, unit_steps, skip)
         if layout.mode == "replicated":
             factors = tuple(layout.from_owners(f) for f in factors)
             holders, leads = params, bucket.leads
-        for name, factor in zip(FACTORS, factors):
-            self.adopt_stacked_state(holders, name, factor, leads)
-        self.drop_state(params, "momentum_buffer")
+        if not in_place:
+            for name, factor in zip(FACTORS, factors):
+                self.adopt_stacked_state(holders, name, factor, leads)
+        if any("momentum_buffer" in self.state[p] for p in params):
+            self.drop_state(params, "momentum_buffer")
+
+    def _factors_in_place(self, holders: list[Tensor], leads: list, rank: int, buf_own: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The stacked factors of ``holders`` when every one has them at ``rank`` (updated in place), else None."""
+        if not holders or any(self.state[p].get("U") is None or self.state[p]["U"].shape[-1] != rank
+                              for p in holders):
+            return None
+        factors = tuple(self.stacked_state(holders, key, leads=leads) for key in FACTORS)
+        return factors if factors[0].shape[0] == buf_own.shape[0] else None

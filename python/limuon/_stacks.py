@@ -49,7 +49,7 @@ class StackedStateMixin:
 
     state: Any
 
-    def _stack_registry(self) -> dict[tuple, Tensor]:
+    def _stack_registry(self) -> dict[tuple, tuple[Tensor, tuple]]:
         # Not part of torch's pickled optimizer state (__getstate__): rebuilt lazily after a copy.
         return self.__dict__.setdefault("_stacks", {})
 
@@ -60,22 +60,21 @@ class StackedStateMixin:
         ``slice_shape`` (default: the entry's own trailing shape)."""
         leads = [None] * len(params) if leads is None else leads
         counts = [unit_count(lead) for lead in leads]
-        stacked = self._stack_registry().get((name, tuple(id(p) for p in params)))
-        if stacked is not None and self._is_stack_of(stacked, params, name, counts):
-            return stacked
+        held = self._stack_registry().get((name, tuple(id(p) for p in params)))
+        if held is not None and self._is_stack_of(held, params, name, counts):
+            return held[0]
         parts = []
         for p, lead, count in zip(params, leads, counts):
-            held = local(self.state[p][name])
-            trailing = slice_shape if slice_shape is not None else held.shape[0 if lead is None else len(lead):]
-            parts.append(held.reshape(count, *trailing))
+            entry = local(self.state[p][name])
+            trailing = slice_shape if slice_shape is not None else entry.shape[0 if lead is None else len(lead):]
+            parts.append(entry.reshape(count, *trailing))
         return self.adopt_stacked_state(params, name, torch.cat(parts), leads)
 
-    def _is_stack_of(self, stacked: Tensor, params: list[Tensor], name: str, counts: list[int]) -> bool:
-        if sum(counts) != stacked.shape[0]:
-            return False
-        offsets = [sum(counts[:i]) for i in range(len(counts))]
-        return all(c == 0 or local(self.state[p][name]).data_ptr() == stacked[o].data_ptr()
-                   for p, o, c in zip(params, offsets, counts))
+    def _is_stack_of(self, held: tuple[Tensor, tuple], params: list[Tensor], name: str, counts: list[int]) -> bool:
+        """Every entry is still the view the stack was made with (identity: no tensor op, no address read,
+        so torch.compile traces it too)."""
+        stacked, views = held
+        return sum(counts) == stacked.shape[0] and all(self.state[p][name] is v for p, v in zip(params, views))
 
     def adopt_stacked_state(self, params: list[Tensor], name: str, stacked: Tensor, leads: Leads = None) -> Tensor:
         """Make the slices of ``stacked`` the state ``name`` of ``params`` (``unit_count(leads[i])`` consecutive
@@ -92,12 +91,13 @@ class StackedStateMixin:
                 self.state[p].pop(name, None)
 
     def _set_views(self, params: list[Tensor], name: str, stacked: Tensor, leads: list) -> None:
-        offset = 0
+        offset, views = 0, []
         for p, lead in zip(params, leads):
             count = unit_count(lead)
             self.state[p][name] = _state_view(p, name, stacked[offset: offset + count], lead)
+            views.append(self.state[p][name])
             offset += count
-        self._stack_registry()[(name, tuple(id(p) for p in params))] = stacked
+        self._stack_registry()[(name, tuple(id(p) for p in params))] = (stacked, tuple(views))
 
     def _release_stacks(self, params: list[Tensor], name: str) -> None:
         """Before the state ``name`` of ``params`` is replaced: every other parameter whose state ``name``
@@ -105,9 +105,21 @@ class StackedStateMixin:
         ids = {id(p) for p in params}
         stacks = self._stack_registry()
         own = stacks.get((name, tuple(id(p) for p in params)))
-        self._forget(ids, name)
-        held = {k for p in params if isinstance(v := self._entry(p, name), Tensor) and (k := _storage_key(v))}
-        if not held or (own is not None and held == {_storage_key(own)}):
+        others = self._forget(ids, name)
+        if torch.compiler.is_compiling():
+            # (storages cannot be traced: the registry's stacks are what is shared then; a checkpoint's
+            # views of one storage are copied apart on the first eager step or load)
+            for q, st in self.state.items():
+                if id(q) in others and isinstance(st.get(name), Tensor):
+                    st[name] = wrap_like(st[name], local(st[name]).clone())
+            return
+        held = set()
+        for p in params:
+            entry = self._entry(p, name)
+            key = _storage_key(entry) if isinstance(entry, Tensor) else None
+            if key:
+                held.add(key)
+        if not held or (own is not None and held == {_storage_key(own[0])}):
             return  # nothing stored, or one stack of exactly these parameters: nobody else to move
         for q, st in self.state.items():
             v = st.get(name) if isinstance(st, dict) and id(q) not in ids else None
@@ -115,11 +127,14 @@ class StackedStateMixin:
                 self._forget({id(q)}, name)
                 st[name] = wrap_like(v, local(v).clone())  # (a DTensor stays laid out as it was)
 
-    def _forget(self, ids: set[int], name: str) -> None:
-        """Drop the registry entries of the stacks of state ``name`` that hold any of ``ids``."""
-        stacks = self._stack_registry()
+    def _forget(self, ids: set[int], name: str) -> set[int]:
+        """Drop the registry entries of the stacks of state ``name`` that hold any of ``ids``; returns the ids
+        of the other parameters those stacks held."""
+        stacks, others = self._stack_registry(), set()
         for key in [k for k in stacks if k[0] == name and ids.intersection(k[1])]:
+            others.update(set(key[1]) - ids)
             del stacks[key]
+        return others
 
     def _entry(self, p: Tensor, name: str) -> Any:
         st = self.state.get(p)

@@ -8,22 +8,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
-import limuon_kernels as lk
-from limuon._buckets import Bucket, apply_update, make_buckets
-from limuon._checks import check_choice, check_int, check_matrix_view, check_ns_group, check_number, lr_scale
+from limuon._buckets import make_buckets
+from limuon._checks import check_choice, check_int, check_matrix_view, check_ns_group, check_number
 from limuon._common import HybridOptimizer
+from limuon._distributed import local
 from limuon._exact import MISSING_CLOSURE, RESTORE_SCOPES, closure_at_previous_iterate, previous_gradients
-from limuon._lowrank import FACTORS, LowRankMomentumMixin
+from limuon._limuon_step import DEFAULT_MOMENTUM, LiMuonBucketStepMixin, momentum_of
+from limuon._lowrank import LowRankMomentumMixin
 from limuon._lowrank_state import LowRankStateMixin
+from limuon._nonfinite import StepGuard
 
 VARIANCE_REDUCTIONS = ("exact", "approx", "none")
-#: momentum (μ = 1 − β) when none is given, per variance-reduction mode: measured, see the README's
-#: momentum grid (exact STORM diverges from the one-gradient modes' best μ)
-DEFAULT_MOMENTUM = {"exact": 0.7, "approx": 0.95, "none": 0.95}
 ORTHOGONALIZERS = ("newton_schulz", "svd")
 
 
-class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
+class LiMuon(LiMuonBucketStepMixin, LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
     r"""LiMuon: orthogonalised STORM momentum for matrices, AdamW for the rest.
 
     For every matrix parameter ``W`` (ndim ≥ 2; a conv weight is treated as ``(out, in·kh·kw)``),
@@ -39,7 +38,7 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
     Option #2 (``rank=r``) keeps only its randomized SVD ``U (m×r), S (r), V (n×r)`` between steps and
     uses ``U diag(S) Vᵀ`` in place of the previous momentum; ``r ≥ min(m, n)`` is Option #1.
     The RSVD of parameter ``i`` at its step ``t`` is seeded with ``derive_seed(seed, i, t)`` (matrix ``e``
-    of a ``matrix_view="batch"`` parameter: ``derive_seed(seed, i, t, e)``), so runs are reproducible
+    of a ``matrix_view="batch"`` parameter: ``derive_seed(seed, i, e, t)``), so runs are reproducible
     and resume exactly from a ``state_dict``.
 
     ``matrix_view`` (per group) says what a matrix is: ``"flatten"`` (default) sees an N-D parameter as
@@ -94,6 +93,10 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
             parameters need no argument: each matrix is gathered whole on a fixed owner rank (all-to-all),
             orthogonalised and compressed there, and sent back as shards; the elementwise work stays on
             the local shards, and the low-rank factors ``U, S, V`` live on the owner only.
+        nonfinite: ``"raise"`` (default): a NaN/Inf gradient raises ``NonFiniteGradientError`` with nothing
+            changed (the kernels skip their writes on the device; one host read at the end of the step).
+            ``"skip"``: no host read at all; such a step is skipped on the device and counted in
+            ``skipped_steps``, as GradScaler skips a step.
 
     Exact mode without a closure is refused before anything changes, except for a step that only
     initialises state (lr = 0 in every exact-mode group, no state yet: torch.distributed.checkpoint
@@ -129,6 +132,7 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
         matrix_view: str = "flatten",
         ns_compute_dtype: torch.dtype | None = None,
         distributed_mesh: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, rank=rank, oversample=oversample, power_iters=power_iters,
@@ -139,7 +143,7 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
             adamw_weight_decay=adamw_weight_decay, ns_compute_dtype=ns_compute_dtype, seed=seed,
             matrix_view=matrix_view, algorithm=None,
         )
-        self._set_distributed_mesh(distributed_mesh)
+        self._set_distributed_mesh(distributed_mesh, nonfinite)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -179,20 +183,19 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
                 loss = closure()
 
         split = self._split()
-        self._check_step_gradients()
-        old_grads = self._old_point_gradients(split, previous) if previous is not None else {}
-        self._keep_restore_buffers(exact, {id(p) for _, mats, others in split for _, p in mats + others})
-
+        old_items = self._old_point_gradients(split, previous) if previous is not None else []
+        guard = self._begin_step(old_items)
+        old_grads = {id(p): g for _, p, g in old_items}
         for group, mats, _ in split:
-            params = [p for _, p in mats]
-            indices = [i for i, _ in mats]
             record = exact and self._moves_back(group, matrix=True)
-            for bucket in make_buckets(params, indices, group["matrix_view"],
+            for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats], group["matrix_view"],
                                        key=lambda p, g=group: self._bucket_key(g, p)):
-                self._step_bucket(group, bucket, old_grads, record)
+                self._step_bucket(group, bucket, old_grads, record, guard)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
-            self._adamw_step(group, [p for _, p in others], exact and self._moves_back(group, matrix=False))
+            self._adamw_step(group, [p for _, p in others], guard, exact and self._moves_back(group, matrix=False))
+        self._finish_step(guard)
+        self._keep_restore_buffers(exact, {id(p) for _, mats, others in split for _, p in mats + others}, guard)
         self._remember_modes()
         return loss
 
@@ -223,17 +226,17 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
         return any("last_update" in self.state.get(p, {}) for g in self.param_groups
                    if g["variance_reduction"] == "exact" for p in g["params"] if self._is_matrix(g, p))
 
-    def _old_point_gradients(self, split: list, previous: dict[int, Tensor | None]) -> dict[int, Tensor]:
-        """Exact mode: the gradients of the exact-mode matrices at the previous iterate, same batch."""
+    def _old_point_gradients(self, split: list, previous: dict[int, Tensor | None]) -> list:
+        """Exact mode: (index, matrix, gradient at the previous iterate, same batch) of the exact-mode matrices."""
         needed = [(i, p) for group, mats, _ in split if group["variance_reduction"] == "exact"
                   for i, p in mats if "last_update" in self.state.get(p, {})]
         return previous_gradients(needed, previous, self.distribution().group)
 
-    def _keep_restore_buffers(self, exact: bool, stepped: set[int]) -> None:
+    def _keep_restore_buffers(self, exact: bool, stepped: set[int], guard: StepGuard) -> None:
         """Restore buffers for the next step: dropped where no longer wanted (no exact mode, or out of the
         ``exact_restore`` scope: stale when exact mode returns); zeroed for a parameter that skips this
-        step (it does not move, so its previous iterate is itself)."""
-        drop = []
+        step (it does not move, so its previous iterate is itself), unless the whole step was skipped."""
+        drop, idle = [], []
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p, {})
@@ -242,9 +245,11 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
                 if not (exact and self._moves_back(group, self._is_matrix(group, p))):
                     drop.append(p)
                 elif id(p) not in stepped:
-                    st["last_update"].zero_()
+                    idle.append(st["last_update"])
         if drop:
             self.drop_state(drop, "last_update")
+        if idle:
+            torch._foreach_mul_([local(t) for t in idle], guard.found)  # (kept when the step was skipped)
 
     def _state_kind(self, group: dict, p: Tensor) -> str:
         """"first" (no momentum yet), "dense" (momentum_buffer stored) or "lowrank" (U, S, V stored,
@@ -268,81 +273,5 @@ class LiMuon(LowRankMomentumMixin, LowRankStateMixin, HybridOptimizer):
     def _bucket_key(self, group: dict, p: Tensor) -> str:
         return self._state_kind(group, p)
 
-    def _step_bucket(self, group: dict, bucket: Bucket, old_grads: dict[int, Tensor], record: bool) -> None:
-        """One bucket's update; ``record``: keep ``last_update`` for exact mode's next second gradient."""
-        # Shapes: "local" tensors are this rank's rows of every matrix of the bucket, (B, m_loc, n);
-        # "own" tensors are the whole matrices this rank owns, (B_own, m, n). Without distribution
-        # both are (B, m, n) and the moves between them are the identity (see _distributed.py).
-        mode = group["variance_reduction"]
-        mu, gamma = momentum_of(group), group["gamma"]
-        params, leads, counts = bucket.params, bucket.leads, bucket.counts
-        layout = self.distribution().layout(params, bucket.shape, counts, bucket.whole)
-        states = [self.state[p] for p in params]
-        kind = self._state_kind(group, params[0])
-        low_rank = self._low_rank(group, params[0])
-        G = bucket.stack([p.grad for p in params])
-        buf_local = buf_own = None  # the new momentum: dense per-rank rows, or whole on the owner
 
-        # 1. New momentum and the orthogonaliser input.
-        if kind == "first":
-            ns_own = layout.to_owners(G)
-            if low_rank:
-                buf_own = ns_own * ((1.0 - gamma) / mu) if mode == "approx" else ns_own
-            else:
-                buf_local = G * ((1.0 - gamma) / mu) if mode == "approx" else G
-        elif kind == "dense":
-            # One launch for the whole bucket: the buffers are slices of one stacked tensor.
-            buf_local = self.stacked_state(params, "momentum_buffer", bucket.local_shape, leads)
-            if mode == "exact":
-                lk.storm_update_(buf_local, G, bucket.stack([old_grads[id(p)] for p in params]), mu)
-                ns_local = buf_local
-            elif mode == "none":
-                buf_local.lerp_(G, 1.0 - mu)
-                ns_local = buf_local
-            else:
-                ns_local = lk.mars_update_(buf_local, G, mu, gamma)
-            ns_own = layout.to_owners(ns_local)
-            if low_rank:  # switching to Option #2: the owner compresses the whole momentum
-                buf_own = ns_own if ns_local is buf_local else layout.to_owners(buf_local)
-        else:
-            G_own = layout.to_owners(G)
-            G_old = layout.to_owners(bucket.stack([old_grads[id(p)] for p in params])) if mode == "exact" else None
-            buf_own, ns_own = self._lowrank_momentum(group, bucket, layout.owned_params, G_own, G_old, mu)
-            if not low_rank:  # back to Option #1: every rank keeps its rows of the dense momentum
-                buf_local = layout.from_owners(buf_own)
-
-        # 2. Orthogonalise the owned matrices as one batch; every rank gets its rows back.
-        O = layout.from_owners(self._orthogonalize(group, ns_own))
-
-        # 3. Step counts, then the parameter update (recording it first for exact mode).
-        for st in states:
-            st["step"] = st.get("step", torch.tensor(0.0)) + 1
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
-        held = bucket.local_params
-        if record:
-            # last_update = W_k − W_{k+1}: what the next step adds to go back one iterate (kept in bf16).
-            delta = bucket.stack(params).mul_(lr * wd).add_(O, alpha=lr * scale)
-            if all("last_update" in st for st in states):
-                self.stacked_state(params, "last_update", bucket.local_shape, leads).copy_(delta)
-            else:
-                self.adopt_stacked_state(params, "last_update", delta.to(torch.bfloat16), leads)
-        apply_update(held, O, lr, wd, scale, counts)
-
-        # 4. Keep the momentum for the next step: compressed to rank r (by its owner), or dense.
-        if low_rank:
-            self._compress(group, bucket, layout, buf_own)
-        elif kind != "dense":
-            # `buf_local` is a fresh tensor here (stacked gradients or a low-rank product), never aliased.
-            self.adopt_stacked_state(params, "momentum_buffer", buf_local, leads)
-            for key in FACTORS:
-                self.drop_state(params, key)
-
-
-def momentum_of(group: dict) -> float:
-    """The group's momentum μ: its own, or the default of its variance-reduction mode."""
-    mu = group["momentum"]
-    return float(DEFAULT_MOMENTUM[group["variance_reduction"]] if mu is None else mu)
-
-
-__all__ = ["DEFAULT_MOMENTUM", "LiMuon"]
+__all__ = ["DEFAULT_MOMENTUM", "LiMuon", "momentum_of"]

@@ -7,9 +7,13 @@ from typing import Any
 
 import torch
 
-from limuon._buckets import apply_update, make_buckets
+import limuon_kernels as lk
+from limuon import _functional as F
+from limuon._buckets import Bucket, make_buckets
 from limuon._checks import check_matrix_view, check_ns_group, check_number, lr_scale
 from limuon._common import HybridOptimizer
+from limuon._functional import apply_update_, muon_coefficients
+from limuon._nonfinite import StepGuard
 
 
 class Muon(HybridOptimizer):
@@ -38,6 +42,10 @@ class Muon(HybridOptimizer):
     DDP-replicated parameters across its ranks (each orthogonalises its share, then the updates are
     all-gathered). FSDP2's ``DTensor`` parameters are handled without it: each matrix is gathered whole
     on one owner rank, orthogonalised there in a batch with the others it owns, and sent back as shards.
+
+    ``nonfinite``: ``"raise"`` (default; a NaN/Inf gradient raises ``NonFiniteGradientError`` with nothing
+    changed, after one host read) or ``"skip"`` (no host read: the step is skipped on the device and counted
+    in ``skipped_steps``). A step is a fused momentum pass and one Newton–Schulz launch sequence per bucket.
     """
 
     _matrix_algorithm = "muon"
@@ -62,6 +70,7 @@ class Muon(HybridOptimizer):
         ns_method: str = "auto",
         matrix_view: str = "flatten",
         distributed_mesh: Any = None,
+        nonfinite: str = "raise",
     ) -> None:
         defaults = dict(
             lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
@@ -71,7 +80,7 @@ class Muon(HybridOptimizer):
             matrix_view=matrix_view,
             algorithm=None,
         )
-        self._set_distributed_mesh(distributed_mesh)
+        self._set_distributed_mesh(distributed_mesh, nonfinite)
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict) -> None:
@@ -91,28 +100,35 @@ class Muon(HybridOptimizer):
             with torch.enable_grad():
                 loss = closure()
         split = self._split()
-        self._check_step_gradients()
-        distribution = self.distribution()
-
+        guard = self._begin_step()
         for group, mats, _ in split:
-            if not mats:
-                continue
-            mu = group["momentum"]
             for bucket in make_buckets([p for _, p in mats], [i for i, _ in mats], group["matrix_view"]):
-                layout = distribution.layout(bucket.params, bucket.shape, bucket.counts, bucket.whole)
-                grads = bucket.stack([p.grad for p in bucket.params])
-                if any("momentum_buffer" not in self.state[p] for p in bucket.params):
-                    for p in bucket.params:
-                        self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
-                # One launch per bucket: the buffers are slices of one stacked tensor (local shards).
-                bufs = self.stacked_state(bucket.params, "momentum_buffer", bucket.local_shape, bucket.leads)
-                bufs.lerp_(grads, 1.0 - mu)
-                G = grads.lerp_(bufs, mu) if group["nesterov"] else bufs
-                O = layout.from_owners(self._orthogonalize(group, layout.to_owners(G)))
-                scale = lr_scale(group["adjust_lr_fn"], *bucket.shape)
-                apply_update(bucket.local_params, O, float(group["lr"]), float(group["weight_decay"]), scale,
-                             bucket.counts)
+                self._step_bucket(group, bucket, guard)
         # AdamW last: the matrix work is where a failure could still happen (e.g. a kernel limit).
         for group, _, others in split:
-            self._adamw_step(group, [p for _, p in others])
+            self._adamw_step(group, [p for _, p in others], guard)
+        self._finish_step(guard)
         return loss
+
+    def _step_bucket(self, group: dict, bucket: Bucket, guard: StepGuard) -> None:
+        """One bucket: the momentum pass (buffers stacked: one launch), then Newton–Schulz whose last iteration
+        updates the parameters (on one process; under DDP/FSDP2 the owners orthogonalise and send back)."""
+        params = bucket.params
+        layout = self.distribution().layout(params, bucket.shape, bucket.counts, bucket.whole)
+        if any("momentum_buffer" not in self.state[p] for p in params):
+            self._settle(guard)  # (new state: a raised step must not leave it behind)
+            for p in params:
+                self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+        bufs = self.stacked_state(params, "momentum_buffer", bucket.local_shape, bucket.leads)
+        G = bucket.stack([p.grad for p in params])
+        orth = self._orthogonalizer(group, bucket)
+        skip = guard.found_on(G.device)
+        coefficients = muon_coefficients(group["momentum"], group["nesterov"])
+        X, sqnorm = lk.momentum_ns_input_(bufs, G, None, coefficients, orth.x_dtype, skip)
+        lr = self.step_cache().lr(group, G.device)
+        wd, scale = float(group["weight_decay"]), lr_scale(group["adjust_lr_fn"], *bucket.shape)
+        if layout.mode == "local":
+            F.update_fused(X, sqnorm, bucket.local_params, lr, wd, scale, orth, skip, None)
+        else:
+            O = layout.from_owners(F.orthogonalize(layout.to_owners(X), orth, skip))
+            apply_update_(bucket.local_params, O, lr, wd, scale, bucket.counts, skip)
