@@ -1,9 +1,9 @@
 """The optimizer step on a GPU: no host synchronisation, and capturable in a CUDA graph (marked ``gpu``).
 
 * ``torch.cuda.set_sync_debug_mode("error")`` makes every synchronising CUDA call raise: whole steps of
-  Muon and LiMuon in every mode and option (``nonfinite="skip"``) run under it, after a first step that
-  allocates state (allocation is not a synchronisation, but the first step also builds cached index and
-  seed tensors from host values, which is a host-to-device copy).
+  Muon and LiMuon in every mode and option (``nonfinite="skip"``) run under it, after three steps that
+  create the state, build the cached index and seed tensors (host-to-device copies) and compile and
+  autotune every kernel variant (autotuning times kernels, which synchronises).
 * ``step()`` captured in a CUDA graph and replayed on new gradients gives what eager steps give (the
   step counters, and so the RSVD seeds, advance on the device; lr is a device tensor).
 """
@@ -50,8 +50,9 @@ def test_steps_make_no_synchronising_call(config):
         closure.t += 1
 
     closure.t = 0
-    closure()
-    opt.step(closure)
+    for _ in range(3):  # state, caches, and every kernel variant compiled and autotuned (which synchronises)
+        closure()
+        opt.step(closure)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

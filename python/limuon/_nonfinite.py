@@ -29,8 +29,11 @@ class StepGuard:
     Tensors are cached per device on ``cache`` (the optimizer's), so a steady-state step allocates nothing
     and a CUDA graph sees the same addresses every replay."""
 
-    def __init__(self, cache: dict, grads: list[Tensor], process_group: Any = None) -> None:
+    def __init__(self, cache: dict, checked: list[tuple[str, list]], process_group: Any = None) -> None:
+        """``checked``: (what, [(param index, param, gradient or None)]) pairs: the gradients of the step."""
         self._cache = cache
+        self.checked = checked
+        grads = [g for _, items in checked for _, _, g in items if g is not None]
         self.device = local(grads[0]).device if grads else torch.device("cpu")
         self.found = self._tensor("found", self.device, 0.0)
         self.found.zero_()
