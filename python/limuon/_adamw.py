@@ -114,17 +114,22 @@ def adamw_step(group: dict, params: list[Tensor], state: dict, guard: StepGuard,
         _adamw_update(device, dtype, tensors, steps, hyper, guard.found_on(device))
         if before is not None:
             torch._foreach_sub_(before, tensors[0])
-            record_last_update(ps, before, state, guard.found_on(device))
+            record_last_update(ps, before, state, None if guard.settled else guard.found_on(device))
 
 
-def record_last_update(params: list[Tensor], deltas: list[Tensor], state: dict, found: Tensor) -> None:
+def record_last_update(params: list[Tensor], deltas: list[Tensor], state: dict, found: Tensor | None) -> None:
     """``state[p]["last_update"] ← bf16(delta)`` for each parameter, kept as it was when ``found`` is set
-    (then ``delta`` is 0: the parameters did not move)."""
+    (then ``delta`` is 0: the parameters did not move). ``found=None``: the step is known to be finite (one
+    copy instead of a select)."""
     held = [state[p].get("last_update") for p in params]
     if all(isinstance(h, Tensor) and h.shape == p.shape for h, p in zip(held, params)):
         buffers = [local(h) for h in held]
-        torch._foreach_mul_(buffers, found)
-        torch._foreach_add_(buffers, deltas)
+        if found is None:
+            torch._foreach_copy_(buffers, deltas)
+        else:
+            torch._foreach_mul_(buffers, found)
+            torch._foreach_add_(buffers, deltas)
         return
     for p, delta in zip(params, deltas):
-        state[p]["last_update"] = wrap_like(p, (delta * (1.0 - found)).to(torch.bfloat16).view(local(p).shape))
+        kept = delta if found is None else delta * (1.0 - found)
+        state[p]["last_update"] = wrap_like(p, kept.to(torch.bfloat16).view(local(p).shape))

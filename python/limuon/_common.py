@@ -180,8 +180,10 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         return out
 
     def _adamw_step(self, group: dict, params: list[Tensor], guard: StepGuard, record_update: bool = False) -> None:
-        if any("exp_avg" not in self.state.get(p, {}) for p in params):
-            self._settle(guard)  # (new state: a raised step must not leave it behind)
+        if record_update or any("exp_avg" not in self.state.get(p, {}) for p in params):
+            # (new state: a raised step must not leave it behind; exact mode's restore buffers: a known
+            # finite step records them with one copy instead of a select)
+            self._settle(guard)
         adamw_step(group, params, self.state, guard, record_update)
 
     def state_dict(self) -> dict[str, Any]:

@@ -29,7 +29,8 @@ class StepCache:
                     self.flags[key] = torch.full((), value, dtype=torch.float32, device=device)
             if "skipped" not in self.flags:
                 self.flags["skipped"] = torch.zeros((), dtype=torch.float32, device=device)
-        return self.flags.get("skipped", torch.zeros(()))
+        counter = self.flags.get("skipped")
+        return counter if counter is not None else torch.zeros(())
 
     def lr(self, group: dict, device: torch.device) -> Tensor:
         """The group's lr as a 0-d fp32 tensor on ``device``, refilled on the device when the value changed
