@@ -174,3 +174,55 @@ def test_raise_on_the_first_step_leaves_no_state(config):
         opt.step(closure)
     assert not any(opt.state.get(p) for p in params)
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_tensor_lr_is_never_read_back():
+    """A 0-d tensor lr (what a capturable schedule keeps) reaches the kernels as it is: no host read in a
+    "skip" step, and the same result as the float lr."""
+    gen = torch.Generator().manual_seed(2)
+    init = [torch.randn(p.shape, generator=gen) for p in _params("cpu")]
+    grads = [_grads(gen, init) for _ in range(3)]
+    runs = []
+    for lr in (0.02, torch.tensor(0.02)):
+        params = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = limuon.LiMuon(params, lr=lr, adamw_lr=0.01, rank=3, nonfinite="skip")
+        for t, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            if t == 2:
+                with _op_count.OpCounter() as counter:
+                    opt.step()
+                assert counter.host_reads == 0, counter.ops
+            else:
+                opt.step()
+        runs.append(params)
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
+
+
+@pytest.mark.parametrize("change", ["rank", "exact"])
+def test_raise_when_the_state_changes_form_leaves_it_as_it_was(change):
+    """A step that replaces state (the group's rank changed; exact mode turned on, which creates restore
+    buffers) with a NaN gradient raises with every state entry and parameter unchanged."""
+    params = [torch.nn.Parameter(torch.randn(p.shape)) for p in _params("cpu")]
+    opt = limuon.LiMuon(params, lr=0.02, adamw_lr=0.01, rank=4)
+    grads = [torch.randn(p.shape) for p in params]
+
+    def closure(bad=False):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if bad:
+            params[0].grad[0, 0] = float("nan")
+
+    for _ in range(2):
+        closure()
+        opt.step()
+    state, before = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in params]
+    if change == "rank":
+        opt.param_groups[0]["rank"] = 3
+    else:
+        opt.param_groups[0]["variance_reduction"] = "exact"
+    closure(bad=True)
+    with pytest.raises(limuon.NonFiniteGradientError):
+        opt.step(lambda: closure(bad=True))
+    assert equal_nested(opt.state_dict()["state"], state["state"])
+    assert all(torch.equal(p, b) for p, b in zip(params, before))

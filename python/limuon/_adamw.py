@@ -33,7 +33,9 @@ def _adamw_update(device: torch.device, dtype: torch.dtype, tensors: list[list[T
     if device.type in _FUSED_ADAMW_DEVICES and dtype in _FUSED_ADAMW_DTYPES and hasattr(torch, "_fused_adamw_") \
             and any(fusable) and not torch.compiler.is_compiling():
         fused = [[t for t, ok in zip(ts, fusable) if ok] for ts in (*tensors, steps)]
-        torch._fused_adamw_(*fused[:4], [], fused[4], **hyper, amsgrad=False, maximize=False, found_inf=found)
+        lr = hyper["lr"].to(device) if isinstance(hyper["lr"], Tensor) else hyper["lr"]
+        torch._fused_adamw_(*fused[:4], [], fused[4], **{**hyper, "lr": lr}, amsgrad=False, maximize=False,
+                            found_inf=found)
         tensors, steps = [[t for t, ok in zip(ts, fusable) if not ok] for ts in tensors], \
             [s for s, ok in zip(steps, fusable) if not ok]
     if not tensors[0]:
@@ -55,7 +57,7 @@ def _adamw_update(device: torch.device, dtype: torch.dtype, tensors: list[list[T
             old.copy_(torch.where(keep, old, new.to(old.dtype)))
 
 
-def adamw_lr(group: dict) -> float:
+def adamw_lr(group: dict) -> float | Tensor:
     """The AdamW learning rate of ``group`` at this step.
 
     ``adamw_lr`` follows the shape of the group's lr schedule relative to the lr the group was created
@@ -63,11 +65,16 @@ def adamw_lr(group: dict) -> float:
     scheduler sets to its own starting value (``OneCycleLR``: ``max_lr / div_factor``), so the AdamW lr
     would be scaled by the schedule's peak-to-start ratio. ``adamw_lr=None`` (allowed only with
     ``adjust_lr_fn="match_rms_adamw"``) is the group's lr itself. ``lr = 0`` gives 0: the whole group is
-    frozen (torch.distributed.checkpoint initialises optimizer state by a step with lr = 0).
+    frozen (torch.distributed.checkpoint initialises optimizer state by a step with lr = 0). A tensor lr
+    gives a tensor (computed on its device, never read back).
     """
-    lr = float(group["lr"])
+    lr = group["lr"]
     if group["adamw_lr"] is None:
         return lr
+    if isinstance(lr, Tensor):
+        created = float(group.get("lr_at_creation") or 0.0)
+        return lr * (float(group["adamw_lr"]) / created) if created else torch.full_like(lr, group["adamw_lr"])
+    lr = float(lr)
     created = float(group.get("lr_at_creation") or 0.0)
     if created == 0.0:  # (a group created with lr = 0: no schedule shape to follow)
         return float(group["adamw_lr"]) if lr != 0.0 else 0.0
@@ -110,7 +117,7 @@ def adamw_step(group: dict, params: list[Tensor], state: dict, guard: StepGuard,
                    [local(state[p]["exp_avg"]) for p in ps], [local(state[p]["exp_avg_sq"]) for p in ps]]
         steps = [state[p]["step"] for p in ps]
         torch._foreach_add_(steps, [guard.ok_on(device)] * len(steps))
-        before = torch._foreach_mul(tensors[0], 1.0) if record_update else None  # (x·1 is x, bit for bit)
+        before = torch._foreach_mul(tensors[0], 1.0) if record_update else None  # (a copy in one launch)
         _adamw_update(device, dtype, tensors, steps, hyper, guard.found_on(device))
         if before is not None:
             torch._foreach_sub_(before, tensors[0])

@@ -110,7 +110,8 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
     @property
     def skipped_steps(self) -> Tensor:
         """How many steps were skipped on the device for a non-finite gradient (a 0-d tensor on the
-        parameters' device, counted without a host read; read it when you want to know)."""
+        parameters' device, counted without a host read; read it when you want to know). Not part of the
+        state dict: a loaded, copied or unpickled optimizer counts from 0."""
         return self.step_cache().allocate_flags([])
 
     def distribution(self) -> Distribution:
@@ -142,8 +143,11 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
 
     def _finish_step(self, guard: StepGuard) -> None:
         self._settle(guard)
+        flags = self.step_cache().flags
         counter = self.step_cache().allocate_flags([guard.device])
-        counter.add_(guard.found_on(counter.device))
+        if counter.device != guard.device:  # (parameters moved after the optimizer was built: move it once)
+            counter = flags["skipped"] = counter.to(guard.device)
+        counter.add_(guard.found)
 
     def _lost_state(self, items: list[tuple[int, Tensor, Tensor | None]]) -> list[bool] | None:
         """Per item: state this rank needs for the step is missing (see check_gradients)."""
@@ -159,7 +163,13 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
 
     def _check_group(self, group: dict) -> None:
         check_choice("algorithm", group.get("algorithm"), (None, ADAMW, self._matrix_algorithm))
-        check_number("lr", group["lr"], low=0.0)
+        lr = group["lr"]
+        if isinstance(lr, Tensor):  # (a tensor lr is never read back: its value is the user's to keep valid)
+            if lr.numel() != 1 or not lr.is_floating_point():
+                raise ValueError(f"Invalid lr: a tensor lr must be a one-element float tensor, got {lr.dtype} "
+                                 f"{tuple(lr.shape)}")
+        else:
+            check_number("lr", lr, low=0.0)
         check_number("weight_decay", group["weight_decay"], low=0.0)
         check_adamw_group(group)
 
@@ -244,6 +254,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         state_dict = self.adapt_layouts(self._complete_groups(state_dict))
         self.__dict__["_stacks"] = {}  # the old stacked tensors must not outlive the old state
         super().load_state_dict(state_dict)
+        self.step_cache().forget_lr()
         self.steps_to_devices()
 
     def steps_to_devices(self) -> None:

@@ -168,9 +168,23 @@ def local_rows(p: Tensor) -> tuple[int, int]:
     return start, start + rows[rank]
 
 
+_INDICES: dict[tuple, Tensor] = {}
+
+
+def _index(idx: list[int], device: torch.device) -> Tensor:
+    """``idx`` as a long tensor on ``device``, built once per (list, device): no host-to-device copy per step."""
+    key = (tuple(idx), str(device))
+    t = _INDICES.get(key)
+    if t is None:
+        if len(_INDICES) > 4096:  # (bounded: layouts that keep changing)
+            _INDICES.clear()
+        t = _INDICES[key] = torch.tensor(idx, dtype=torch.long, device=device)
+    return t
+
+
 def take(stack: Tensor, idx: list[int]) -> Tensor:
     """``stack[idx]`` along dim 0 (also for an empty ``idx``)."""
-    return stack.index_select(0, torch.tensor(idx, dtype=torch.long, device=stack.device))
+    return stack.index_select(0, _index(idx, stack.device))
 
 
 def reduce_flags(group: dist.ProcessGroup | None, flags: Tensor) -> tuple[Tensor, Tensor]:
@@ -315,7 +329,7 @@ class BucketLayout:
             out = owned.new_empty(B, *trailing)
             for k, idx in enumerate(self._by_owner):
                 if idx:
-                    out[idx] = gathered[k * most: k * most + len(idx)]
+                    out.index_copy_(0, _index(idx, out.device), gathered[k * most: k * most + len(idx)])
             return out
         rest = trailing[1:]
         per_row = rest.numel()
@@ -329,5 +343,5 @@ class BucketLayout:
         out = owned.new_empty(B, mine, *rest)
         for idx, part in zip(self._by_owner, recv.split(out_splits)):
             if idx:
-                out[idx] = part.view(len(idx), mine, *rest)
+                out.index_copy_(0, _index(idx, out.device), part.view(len(idx), mine, *rest))
         return out

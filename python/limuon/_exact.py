@@ -57,7 +57,8 @@ def closure_at_previous_iterate(
     """
     saved_grads = [p.grad for p in params]
     held = [local(p) for p in movers]
-    saved_weights = torch._foreach_mul(held, 1.0) if held else []  # one launch; x·1 is x, bit for bit
+    # one launch; x·1 is x bit for bit (except a subnormal under torch.set_flush_denormal(True), flushed to 0)
+    saved_weights = torch._foreach_mul(held, 1.0) if held else []
     rng = rng_state()
     ok = False
     try:

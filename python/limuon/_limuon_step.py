@@ -46,8 +46,8 @@ class LiMuonBucketStepMixin:
         params = bucket.params
         layout = self.distribution().layout(params, bucket.shape, bucket.counts, bucket.whole)
         kind, low_rank = self._state_kind(group, params[0]), self._low_rank(group, params[0])
-        if kind == "first" or low_rank != (kind == "lowrank"):
-            self._settle(guard)  # the state changes form: "raise" reads the flag before that
+        if self._changes_form(group, bucket, kind, low_rank, record):
+            self._settle(guard)  # "raise" reads the flag before state is created or replaced
         exact = group["variance_reduction"] == "exact" and kind != "first"
         G = bucket.stack([p.grad for p in params])
         G_old = bucket.stack([old_grads[id(p)] for p in params]) if exact else None
@@ -95,6 +95,14 @@ class LiMuonBucketStepMixin:
             self.adopt_stacked_state(params, "momentum_buffer", buf, leads)
             for key in FACTORS:
                 self.drop_state(params, key)
+
+    def _changes_form(self, group: dict, bucket: Bucket, kind: str, low_rank: bool, record: bool) -> bool:
+        """This step creates or replaces state rather than updating it in place: the first step, a switch
+        between dense and low-rank momentum, a changed rank, a new restore buffer (exact mode turned on)."""
+        states = [self.state[p] for p in bucket.params]
+        rank_changed = low_rank and any("U" in st and st["U"].shape[-1] != group["rank"] for st in states)
+        new_buffer = record and any("last_update" not in st for st in states)
+        return kind == "first" or low_rank != (kind == "lowrank") or rank_changed or new_buffer
 
     def _dense_momentum(self, bucket: Bucket, kind: str) -> Tensor:
         """The stacked momentum buffer of a dense bucket; for a first step (and a low-rank one becoming dense)

@@ -98,7 +98,10 @@ class LowRankMomentumMixin:
         holders, leads = [params[j] for j in owned], [bucket.leads[j] for j in owned]
         factors = self._factors_in_place(holders, leads, r, buf_own) if layout.mode != "replicated" else None
         in_place = factors is not None
-        if factors is None:
+        if factors is None and layout.mode == "replicated":  # (copies of this rank's share: kept if skipped)
+            held = self._factors_in_place(params, bucket.leads, r, None)
+            factors = None if held is None else tuple(layout.to_owners(f).clone() for f in held)
+        if factors is None:  # (new state, or a new rank: "raise" has read the flag before this)
             factors = tuple(buf_own.new_zeros(shape, dtype=torch.float32)
                             for shape in ((buf_own.shape[0], m, r), (buf_own.shape[0], r), (buf_own.shape[0], n, r)))
         if buf_own.shape[0] > 0:
@@ -119,11 +122,12 @@ class LowRankMomentumMixin:
         if any("momentum_buffer" in self.state[p] for p in params):
             self.drop_state(params, "momentum_buffer")
 
-    def _factors_in_place(self, holders: list[Tensor], leads: list, rank: int, buf_own: Tensor
+    def _factors_in_place(self, holders: list[Tensor], leads: list, rank: int, buf_own: Tensor | None
                           ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """The stacked factors of ``holders`` when every one has them at ``rank`` (updated in place), else None."""
+        """The stacked factors of ``holders`` when every one has them at ``rank`` (and, given ``buf_own``, one
+        per matrix of it): updated in place. Else None."""
         if not holders or any(self.state[p].get("U") is None or self.state[p]["U"].shape[-1] != rank
                               for p in holders):
             return None
         factors = tuple(self.stacked_state(holders, key, leads=leads) for key in FACTORS)
-        return factors if factors[0].shape[0] == buf_own.shape[0] else None
+        return factors if buf_own is None or factors[0].shape[0] == buf_own.shape[0] else None

@@ -46,6 +46,10 @@ class StepCache:
             self._lr[key] = held = (value, t)
         return held[1]
 
+    def forget_lr(self) -> None:
+        """Drop the lr tensors (the param groups were replaced, by ``load_state_dict``)."""
+        self._lr.clear()
+
     def index(self, positions: tuple[int, ...], device: torch.device) -> Tensor:
         """``positions`` as an int64 tensor on ``device`` (built once)."""
         return self._cached(("index", positions, str(device)),

@@ -95,8 +95,11 @@ class LiMuon(LiMuonBucketStepMixin, LowRankMomentumMixin, LowRankStateMixin, Hyb
             the local shards, and the low-rank factors ``U, S, V`` live on the owner only.
         nonfinite: ``"raise"`` (default): a NaN/Inf gradient raises ``NonFiniteGradientError`` with nothing
             changed (the kernels skip their writes on the device; one host read at the end of the step).
-            ``"skip"``: no host read at all; such a step is skipped on the device and counted in
-            ``skipped_steps``, as GradScaler skips a step.
+            ``"skip"``: no host read (one process; under DDP/FSDP2 the ranks agree on which parameters have
+            gradients with one read); such a step is skipped on the device and counted in ``skipped_steps``,
+            as GradScaler skips a step. A skipped step that would create the state leaves it zero: the next
+            step continues from zero momentum (as torch.optim.Muon's first step does), not from the
+            first-step formula.
 
     Exact mode without a closure is refused before anything changes, except for a step that only
     initialises state (lr = 0 in every exact-mode group, no state yet: torch.distributed.checkpoint

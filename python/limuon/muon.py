@@ -44,8 +44,9 @@ class Muon(HybridOptimizer):
     on one owner rank, orthogonalised there in a batch with the others it owns, and sent back as shards.
 
     ``nonfinite``: ``"raise"`` (default; a NaN/Inf gradient raises ``NonFiniteGradientError`` with nothing
-    changed, after one host read) or ``"skip"`` (no host read: the step is skipped on the device and counted
-    in ``skipped_steps``). A step is a fused momentum pass and one Newton–Schulz launch sequence per bucket.
+    changed, after one host read) or ``"skip"`` (no host read on one process: the step is skipped on the device
+    and counted in ``skipped_steps``; under DDP/FSDP2 the ranks agree on which parameters have gradients with
+    one read). A step is a fused momentum pass and one Newton–Schulz launch sequence per bucket.
     """
 
     _matrix_algorithm = "muon"
