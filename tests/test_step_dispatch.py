@@ -204,7 +204,8 @@ def test_raise_when_the_state_changes_form_leaves_it_as_it_was(change):
     """A step that replaces state (the group's rank changed; exact mode turned on, which creates restore
     buffers) with a NaN gradient raises with every state entry and parameter unchanged."""
     params = [torch.nn.Parameter(torch.randn(p.shape)) for p in _params("cpu")]
-    opt = limuon.LiMuon(params, lr=0.02, adamw_lr=0.01, rank=4)
+    # two groups: turning exact mode on in the second also gives the first restore buffers (exact_restore="all")
+    opt = limuon.LiMuon([{"params": params[:3]}, {"params": params[3:]}], lr=0.02, adamw_lr=0.01, rank=4)
     grads = [torch.randn(p.shape) for p in params]
 
     def closure(bad=False):
@@ -220,7 +221,7 @@ def test_raise_when_the_state_changes_form_leaves_it_as_it_was(change):
     if change == "rank":
         opt.param_groups[0]["rank"] = 3
     else:
-        opt.param_groups[0]["variance_reduction"] = "exact"
+        opt.param_groups[1]["variance_reduction"] = "exact"
     closure(bad=True)
     with pytest.raises(limuon.NonFiniteGradientError):
         opt.step(lambda: closure(bad=True))
