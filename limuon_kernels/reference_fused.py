@@ -21,11 +21,8 @@ import torch
 from torch import Tensor
 
 from limuon_kernels import reference
+from limuon_kernels.reference import _acc
 from limuon_kernels.seeds import step_seed
-
-
-def _acc(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _keep_unless_skipped(dst: Tensor, new: Tensor, skip: Tensor | None) -> None:

@@ -133,7 +133,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         group = self.distribution().group
         check_presence(items, group=group, lost_state=self._lost_state(items))
         checked = [("gradient", items)] + ([("gradient at the previous iterate", previous)] if previous else [])
-        return StepGuard(self.step_cache().flags, checked, group)
+        return StepGuard(self.step_cache(), checked, group)
 
     def _settle(self, guard: StepGuard) -> None:
         """``nonfinite="raise"``: the step's one host read (before the first change that the device flag

@@ -109,8 +109,7 @@ class LiMuonBucketStepMixin:
         a zero one: it is not read (α = 0), and stays zero when the step is skipped."""
         if kind == "dense":
             return self.stacked_state(bucket.params, "momentum_buffer", bucket.local_shape, bucket.leads)
-        p = bucket.local_params[0]
-        return torch.zeros((sum(bucket.counts), *bucket.local_shape), dtype=p.dtype, device=p.device)
+        return _zeros(bucket, bucket.local_params[0].dtype)
 
     def _step_counters(self, bucket: Bucket) -> Tensor:
         """The bucket's step counters, one per parameter, as one stacked fp32 tensor on their device."""
@@ -125,6 +124,9 @@ class LiMuonBucketStepMixin:
         params, states = bucket.params, [self.state[p] for p in bucket.params]
         if all("last_update" in st for st in states):
             return self.stacked_state(params, "last_update", bucket.local_shape, bucket.leads)
-        p = bucket.local_params[0]
-        delta = torch.zeros((sum(bucket.counts), *bucket.local_shape), dtype=torch.bfloat16, device=p.device)
-        return self.adopt_stacked_state(params, "last_update", delta, bucket.leads)
+        return self.adopt_stacked_state(params, "last_update", _zeros(bucket, torch.bfloat16), bucket.leads)
+
+
+def _zeros(bucket: Bucket, dtype: torch.dtype) -> Tensor:
+    """A zero ``(B, m_local, n)`` stack for the bucket's matrices on this rank."""
+    return torch.zeros((sum(bucket.counts), *bucket.local_shape), dtype=dtype, device=bucket.local_params[0].device)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from limuon._distributed import local
 from limuon._gradients import NonFiniteGradientError
+from limuon._step_cache import StepCache
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -26,10 +27,10 @@ NONFINITE_MODES = ("raise", "skip")
 class StepGuard:
     """The non-finite flag of one step, on the device of the first gradient (``device``).
 
-    Tensors are cached per device on ``cache`` (the optimizer's), so a steady-state step allocates nothing
+    Tensors are cached per device in ``cache`` (the optimizer's ``StepCache``), so a steady-state step allocates nothing
     and a CUDA graph sees the same addresses every replay."""
 
-    def __init__(self, cache: dict, checked: list[tuple[str, list]], process_group: Any = None) -> None:
+    def __init__(self, cache: StepCache, checked: list[tuple[str, list]], process_group: Any = None) -> None:
         """``checked``: (what, [(param index, param, gradient or None)]) pairs: the gradients of the step."""
         self._cache = cache
         self.checked = checked
@@ -59,11 +60,9 @@ class StepGuard:
         self.settled = False
 
     def _tensor(self, name: str, device: torch.device, value: float) -> Tensor:
-        key = (name, str(device))
-        t = self._cache.get(key)
-        if t is None:
-            t = self._cache[key] = torch.full((), value, dtype=torch.float32, device=device)
-        return t
+        """The cached flag ``name`` ("found" or "one") on ``device`` (``value``: what it was allocated with)."""
+        self._cache.allocate_flags([device])
+        return self._cache.flags[(name, str(device))]
 
     def found_on(self, device: torch.device) -> Tensor:
         """The flag on ``device`` (a copy per step when it is not the main device)."""
