@@ -13,6 +13,7 @@ torch keeps them; a torch with neither gets fp32).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -44,6 +45,29 @@ def bf16_matmul_support() -> tuple[bool, str]:
     return False, "no AVX512-BF16/AMX: bf16 matmuls are emulated and 25–90× slower than fp32 (where measured)"
 
 
+#: the environment variable that overrides the CPU's default Newton–Schulz dtype (unset or empty: this
+#: machine's choice), so that any machine can reproduce another's default
+NS_DTYPE_ENV = "LIMUON_CPU_NS_DTYPE"
+_ENV_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@functools.cache
+def default_ns_dtype() -> tuple[torch.dtype, str]:
+    """(the CPU's default Newton–Schulz matmul dtype, the reason in words): ``LIMUON_CPU_NS_DTYPE``
+    (``bfloat16`` or ``float32``) when set, else bf16 where ``bf16_matmul_support`` says bf16 matmuls run
+    natively and fp32 elsewhere. Read once per process (``default_ns_dtype.cache_clear()`` re-reads)."""
+    value = os.environ.get(NS_DTYPE_ENV, "")
+    native, why = bf16_matmul_support()
+    if value:
+        if value not in _ENV_DTYPES:
+            raise ValueError(f"Invalid {NS_DTYPE_ENV}={value!r}; expected one of {', '.join(_ENV_DTYPES)} "
+                             "(or unset for this machine's choice)")
+        slow = " (bf16 matmuls are emulated on this CPU: expect 25–90× slower Newton–Schulz)" \
+            if value == "bfloat16" and not native else ""
+        return _ENV_DTYPES[value], f"set by {NS_DTYPE_ENV}={value}{slow}; this machine's own choice: {why}"
+    return (torch.bfloat16 if native else torch.float32), why
+
+
 # A constant to torch.compile: Dynamo calls it while tracing rather than tracing into torch.cpu's queries,
 # which it refuses (a graph break in every compiled step that calls newton_schulz on CPU). Not on the
 # cached function itself: Dynamo looks through functools.cache's wrapper, and its mark with it.
@@ -51,3 +75,9 @@ def bf16_matmul_support() -> tuple[bool, str]:
 def has_native_bf16_matmul() -> bool:
     """Whether bf16 matmuls run natively on this CPU (``bf16_matmul_support`` says why)."""
     return bf16_matmul_support()[0]
+
+
+@torch.compiler.assume_constant_result
+def default_ns_dtype_constant() -> torch.dtype:
+    """``default_ns_dtype()[0]``, a constant to torch.compile (see above)."""
+    return default_ns_dtype()[0]

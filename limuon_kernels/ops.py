@@ -237,13 +237,14 @@ def set_ns_compute_dtype(device_type: str, dtype: torch.dtype) -> None:
 
 def get_ns_compute_dtype(device: torch.device | str) -> torch.dtype:
     """Default matmul dtype of Newton–Schulz on ``device``: what ``set_ns_compute_dtype`` set, else on CPU
-    bf16 when it has AVX512-BF16 or AMX and fp32 otherwise, bf16 elsewhere (``ns_compute_dtype_reason``)."""
+    ``LIMUON_CPU_NS_DTYPE`` when set, else bf16 when it has AVX512-BF16 or AMX and fp32 otherwise; bf16
+    elsewhere (``ns_compute_dtype_reason`` says why)."""
     kind = torch.device(device).type
     chosen = _NS_COMPUTE_DTYPE.get(kind)
     if chosen is not None:
         return chosen
     if kind == "cpu":
-        return torch.bfloat16 if cpu_features.has_native_bf16_matmul() else torch.float32
+        return cpu_features.default_ns_dtype_constant()
     return _NS_COMPUTE_DTYPE_OTHER
 
 
@@ -253,7 +254,7 @@ def ns_compute_dtype_reason(device: torch.device | str) -> str:
     if kind in _NS_COMPUTE_DTYPE:
         return f"set with set_ns_compute_dtype({kind!r}, ...)"
     if kind == "cpu":
-        return cpu_features.bf16_matmul_support()[1]
+        return cpu_features.default_ns_dtype()[1]
     return "the default off the CPU: GPU tensor cores multiply bf16, and torch.optim.Muon uses it"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -152,10 +153,12 @@ def test_torch_backend_calls_the_reference_kernel(monkeypatch, no_selection):
 
 
 def test_ns_compute_dtype_defaults_and_setting():
-    # The CPU default follows the machine (tests/test_ns_dtype.py fakes both kinds of CPU).
-    from limuon_kernels.cpu_features import has_native_bf16_matmul
+    # The CPU default follows the machine and LIMUON_CPU_NS_DTYPE (tests/test_ns_dtype.py fakes both).
+    from limuon_kernels.cpu_features import NS_DTYPE_ENV, has_native_bf16_matmul
 
-    assert lk.get_ns_compute_dtype("cpu") == (torch.bfloat16 if has_native_bf16_matmul() else torch.float32)
+    machine = torch.bfloat16 if has_native_bf16_matmul() else torch.float32
+    forced = {"bfloat16": torch.bfloat16, "float32": torch.float32}.get(os.environ.get(NS_DTYPE_ENV, ""))
+    assert lk.get_ns_compute_dtype("cpu") == (forced or machine)
     assert lk.get_ns_compute_dtype(torch.device("cuda", 0)) == torch.bfloat16
     lk.set_ns_compute_dtype("cpu", torch.bfloat16)
     assert lk.get_ns_compute_dtype("cpu") == torch.bfloat16

@@ -1,11 +1,16 @@
 """The CPU's default Newton–Schulz matmul dtype follows what torch reports about the CPU.
 
 bf16 when torch says the CPU has AVX512-BF16 or AMX (native bf16 matmuls through oneDNN), fp32 otherwise
-(emulated bf16 is 25–90× slower). The capability queries are faked; the cached answer is reset around
-every test, so the rest of the suite sees this machine's real answer.
+(emulated bf16 is 25–90× slower), unless ``LIMUON_CPU_NS_DTYPE`` says otherwise. The capability queries
+and the environment are faked; the cached answers are reset around every test, so the rest of the suite
+sees this machine's real answer.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,11 +35,17 @@ def fake_cpu(monkeypatch):
                 monkeypatch.setattr(where, name, lambda value=value: value, raising=False)
         monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: True)
         monkeypatch.delitem(ops._NS_COMPUTE_DTYPE, "cpu", raising=False)  # the default, not a suite-wide choice
-        cpu_features.bf16_matmul_support.cache_clear()
+        monkeypatch.delenv(cpu_features.NS_DTYPE_ENV, raising=False)  # (whoever runs the suite may set it)
+        _forget()
 
-    cpu_features.bf16_matmul_support.cache_clear()
+    _forget()
     yield install
-    cpu_features.bf16_matmul_support.cache_clear()  # before monkeypatch restores torch: nothing faked stays
+    _forget()  # before monkeypatch restores torch and the environment: nothing faked stays
+
+
+def _forget() -> None:
+    cpu_features.bf16_matmul_support.cache_clear()
+    cpu_features.default_ns_dtype.cache_clear()
 
 
 @pytest.mark.parametrize(
@@ -106,3 +117,57 @@ def test_newton_schulz_runs_in_the_default(fake_cpu, has_bf16, gen):
         assert 1e-3 <= err <= 0.05, err
     else:
         assert err <= 1e-4, err
+
+
+# -- LIMUON_CPU_NS_DTYPE: any machine reproduces another's default -----------------------------------
+
+
+@pytest.mark.parametrize("has_bf16", [True, False], ids=["bf16_cpu", "fp32_cpu"])
+@pytest.mark.parametrize("value, dtype", [("bfloat16", torch.bfloat16), ("float32", torch.float32)])
+def test_environment_variable_sets_the_cpu_default(fake_cpu, monkeypatch, has_bf16, value, dtype):
+    fake_cpu(has_bf16, False)
+    monkeypatch.setenv("LIMUON_CPU_NS_DTYPE", value)
+    _forget()
+    assert lk.get_ns_compute_dtype("cpu") == dtype
+    reason = lk.ns_compute_dtype_reason("cpu")
+    assert reason.startswith(f"set by LIMUON_CPU_NS_DTYPE={value}"), reason
+    assert ("expect 25–90× slower" in reason) == (value == "bfloat16" and not has_bf16), reason  # the cost is said
+    assert lk.get_ns_compute_dtype("cuda") == torch.bfloat16  # the CPU's default only
+    lk.set_ns_compute_dtype("cpu", torch.float64)  # an explicit choice still wins
+    assert lk.get_ns_compute_dtype("cpu") == torch.float64
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_unset_or_empty_is_the_machines_choice(fake_cpu, monkeypatch, value):
+    fake_cpu(True, False)
+    if value is not None:
+        monkeypatch.setenv("LIMUON_CPU_NS_DTYPE", value)
+    _forget()
+    assert lk.get_ns_compute_dtype("cpu") == torch.bfloat16
+    assert lk.ns_compute_dtype_reason("cpu").startswith("the CPU has AVX512-BF16")
+
+
+@pytest.mark.parametrize("value", ["bf16", "float16", "Float32", "fp32 "])
+def test_an_invalid_value_is_refused_naming_the_variable(fake_cpu, monkeypatch, value):
+    fake_cpu(True, False)
+    monkeypatch.setenv("LIMUON_CPU_NS_DTYPE", value)
+    _forget()
+    with pytest.raises(ValueError, match=r"Invalid LIMUON_CPU_NS_DTYPE=.*expected one of bfloat16, float32"):
+        lk.get_ns_compute_dtype("cpu")
+
+
+@pytest.mark.parametrize("value", ["bfloat16", "float32"])
+def test_a_new_process_reads_it(value):
+    """Read where the default is resolved, in a process that set it before importing anything; the
+    optimizer step's Newton–Schulz runs in it (the momentum's dtype shows in the NS input's rounding)."""
+    code = (
+        "import torch, limuon_kernels as lk, limuon\n"
+        "print(lk.get_ns_compute_dtype('cpu'))\n"
+        "G = torch.randn(8, 24, generator=torch.Generator().manual_seed(0))\n"
+        "want = lk.newton_schulz(G, compute_dtype=torch.float64)\n"
+        "err = (lk.newton_schulz(G) - want).norm() / want.norm()\n"
+        "print('bf16-sized' if err > 1e-3 else 'fp32-sized')\n"
+    )
+    env = {**os.environ, "LIMUON_CPU_NS_DTYPE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == [f"torch.{value}", "bf16-sized" if value == "bfloat16" else "fp32-sized"]
