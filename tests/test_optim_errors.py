@@ -8,15 +8,11 @@ import re
 
 import pytest
 import torch
-from limuon_reference import ReferenceLiMuon
 from optim_helpers import (
-    assert_trajectory_close,
     equal_nested,
     make_batch,
     make_closure,
-    make_grad_fn,
     make_model,
-    reference_groups,
     snapshot,
 )
 from torch import nn
@@ -107,18 +103,19 @@ def test_adamw_lr_required_for_adamw_routed_params(cls):
     """adamw_lr has no default where a group routes parameters to AdamW (a matrix lr such as 0.02 is far
     too large for AdamW), unless adjust_lr_fn="match_rms_adamw" scales the matrix lr to AdamW's. It is
     checked after the other hyperparameters, and again before every step."""
-    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 1 \(shape \(6,\)\) goes to AdamW "
-                                         r"\(it has ndim < 2\).*adamw_lr=.*match_rms_adamw"):
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 1 of group 0 \(shape \(6,\)\) goes to "
+                                         r"AdamW \(it has ndim < 2\).*adamw_lr=.*match_rms_adamw.*Pass the model "
+                                         r"itself \(limuon.LiMuon\(model, ...\)\) rather than model.parameters\(\)"):
         cls(_params())
     matrix = nn.Parameter(torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 2 \(shape \(4, 6\)\) goes to AdamW "
-                                         r"\(the group has algorithm='adamw'\)"):
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 0 of group 1 \(shape \(4, 6\)\) goes to "
+                                         r"AdamW \(the group has algorithm='adamw'\)"):
         cls([{"params": _params(), "adamw_lr": 1e-3}, {"params": [matrix], "algorithm": "adamw"}])
     with pytest.raises(ValueError, match=r"Invalid lr: -1\.0"):
         cls(_params(), lr=-1.0)
     cls(_params(), adjust_lr_fn="match_rms_adamw")  # lr serves both
     opt = cls(_params()[:1])  # only a matrix: nothing goes to AdamW
-    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 1 \(shape \(6,\)\)"):
+    with pytest.raises(ValueError, match=r"Invalid adamw_lr: None; parameter 0 of group 1 \(shape \(6,\)\)"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(6))]})
     assert len(opt.param_groups) == 1
 
@@ -229,22 +226,20 @@ def test_huge_finite_gradients_are_not_refused(cls, dtype):
 @pytest.mark.parametrize("rank", [None, 3])
 def test_non_finite_only_at_previous_iterate(rank):
     """Exact mode: the gradient at W_k is finite, the one at W_{k−1} (second closure call) is not.
-    The step must be refused with W_k and the state intact; training then continues exactly as a run
-    that never saw the bad batch (checked against the reference)."""
-    model = make_model()
-    init = snapshot(model)
-    batch = make_batch()
+    The step must be refused with W_k and the state intact, and training then continues exactly as a
+    twin run that never saw the bad batch: bitwise, in parameters and optimizer state. (What the property
+    says; a comparison with the fp64 reference would test the trajectory's conditioning instead: on one
+    fixed batch exact mode's correction is rounding noise that the polar factor amplifies.)"""
     kw = dict(lr=0.05, momentum=0.9, variance_reduction="exact", orthogonalizer="svd", rank=rank, oversample=15,
               adamw_lr=0.05)
-    opt = limuon.LiMuon(model.parameters(), **kw)
-    ref_groups, names = reference_groups(model, model.parameters())
-    ref = ReferenceLiMuon(ref_groups, **kw)
-    grad_fn = make_grad_fn(model, batch, names)
+    model, twin = make_model(), make_model()
+    opt, twin_opt = limuon.LiMuon(model.parameters(), **kw), limuon.LiMuon(twin.parameters(), **kw)
     calls = [0]
-    closure = make_closure(model, batch, calls)
+    batch = make_batch()
+    closure, twin_closure = make_closure(model, batch, calls), make_closure(twin, batch)
     for _ in range(2):
         opt.step(closure)
-        ref.step(grad_fn)
+        twin_opt.step(twin_closure)
 
     def second_call_poisoned():
         loss = closure()
@@ -260,10 +255,12 @@ def test_non_finite_only_at_previous_iterate(rank):
     _message_names(info.value, 5, (16, 123))
     assert all(torch.equal(p.detach(), params[n]) for n, p in model.named_parameters()), "params changed"
     assert equal_nested(opt.state_dict(), state), "optimizer state changed"
-    for _ in range(2):
+    for step in range(2):
         opt.step(closure)
-        ref.step(grad_fn)
-    assert_trajectory_close(model, ref.params, names, init, 1e-2, "after a refused step")
+        twin_opt.step(twin_closure)
+        assert all(torch.equal(p.detach(), q.detach()) for p, q in zip(model.parameters(), twin.parameters())), \
+            f"step {step} after the refused one: parameters differ from the twin's"
+        assert equal_nested(opt.state_dict(), twin_opt.state_dict()), f"step {step}: state differs from the twin's"
 
 
 # -- sparse and complex ---------------------------------------------------------------------------
