@@ -72,7 +72,7 @@ class ViT(nn.Module):
         self.head = nn.Linear(d, 10)
 
 
-def vit_names(head_to_adamw: bool) -> tuple[set[str], set[str]]:
+def vit_names(head_to_adamw: bool = True) -> tuple[set[str], set[str]]:
     matrix = {"patch_embed.weight", "head.weight"}
     adamw = {"patch_embed.bias", "cls_token", "pos_embed", "norm.weight", "norm.bias", "head.bias"}
     for i in range(2):
@@ -102,6 +102,77 @@ class MoE(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.router = nn.Linear(d, e, bias=False)
         self.experts = Experts(e, d, h)
+
+
+class FusedExperts(nn.Module):
+    """transformers 5.x's expert layout (MixtralExperts, Qwen3MoeExperts, DeepseekV3Experts): every expert's
+    gate+up and down projections stacked in two 3-D parameters, (E, 2h, d) and (E, d, h)."""
+
+    def __init__(self, e: int, d: int, h: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(e, 2 * h, d) / math.sqrt(d))
+        self.down_proj = nn.Parameter(torch.randn(e, d, h) / math.sqrt(h))
+
+
+class Mlp(nn.Module):
+    def __init__(self, d: int, h: int) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+
+class Router(nn.Module):
+    """DeepSeek-V3's router: a bare (E, d) weight and a score-correction bias."""
+
+    def __init__(self, e: int, d: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(e, d))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(e))
+
+
+class MoELM(nn.Module):
+    """A causal LM with the expert layouts of Mixtral (router ``gate`` + fused experts), Qwen-MoE (plus a
+    shared expert and its (1, d) gate) and DeepSeek (a Router module and ``shared_experts``), built here."""
+
+    def __init__(self, style: str, e: int = 4, d: int = 16, h: int = 12) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(VOCAB, d)
+        self.layers = nn.ModuleList()
+        for _ in range(2):
+            layer = nn.Module()
+            layer.input_layernorm, layer.post_attention_layernorm = nn.LayerNorm(d), nn.LayerNorm(d)
+            layer.self_attn = nn.ModuleDict({k: nn.Linear(d, d, bias=False) for k in ("q_proj", "k_proj", "o_proj")})
+            layer.mlp = nn.Module()
+            layer.mlp.gate = Router(e, d) if style == "deepseek" else nn.Linear(d, e, bias=False)
+            layer.mlp.experts = FusedExperts(e, d, h)
+            if style == "qwen":
+                layer.mlp.shared_expert = Mlp(d, h)
+                layer.mlp.shared_expert_gate = nn.Linear(d, 1, bias=False)
+            if style == "deepseek":
+                layer.mlp.shared_experts = Mlp(d, h)
+            self.layers.append(layer)
+        self.norm = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, VOCAB, bias=False)
+
+
+def moe_lm_split(style: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {"matrix": set(), "batch": set(),
+                                "adamw": {"embed_tokens.weight", "norm.weight", "norm.bias", "lm_head.weight"}}
+    for i in range(2):
+        b = f"layers.{i}"
+        norms = ("input_layernorm", "post_attention_layernorm")
+        out["adamw"] |= {f"{b}.{n}.{w}" for n in norms for w in ("weight", "bias")}
+        out["matrix"] |= {f"{b}.self_attn.{k}.weight" for k in ("q_proj", "k_proj", "o_proj")}
+        out["matrix"].add(f"{b}.mlp.gate.weight")
+        out["batch"] |= {f"{b}.mlp.experts.gate_up_proj", f"{b}.mlp.experts.down_proj"}
+        shared = {"qwen": "shared_expert", "deepseek": "shared_experts"}.get(style)
+        if shared:
+            out["matrix"] |= {f"{b}.mlp.{shared}.{k}.weight" for k in ("gate_proj", "up_proj", "down_proj")}
+        if style == "qwen":
+            out["adamw"].add(f"{b}.mlp.shared_expert_gate.weight")  # (1, d): a side < 2
+        if style == "deepseek":
+            out["adamw"].add(f"{b}.mlp.gate.e_score_correction_bias")
+    return out
 
 
 def split(model: nn.Module, groups: list[dict]) -> dict[str, set[str]]:
@@ -156,27 +227,139 @@ def test_ambiguous_heads_raise_until_named():
 
 def test_vit():
     model = ViT()
-    matrix, adamw = vit_names(head_to_adamw=False)
+    matrix, adamw = vit_names()  # the top-level head is the output layer: AdamW
     assert split(model, limuon.param_groups(model)) == {"matrix": matrix, "adamw": adamw}
-    matrix, adamw = vit_names(head_to_adamw=True)
     assert split(model, limuon.param_groups(model, output="head")) == {"matrix": matrix, "adamw": adamw}
+    matrix, adamw = vit_names(head_to_adamw=False)
+    assert split(model, limuon.param_groups(model, output=())) == {"matrix": matrix, "adamw": adamw}
     explained = limuon.explain_param_groups(model)
     assert explained["pos_embed"] == "adamw: its matrix view 1x80 of shape (1, 5, 16) has a side < 2"
-    assert explained["patch_embed.weight"] == "matrix: 16x48 view of shape (16, 3, 4, 4)"
+    assert explained["patch_embed.weight"] == "matrix: 16x48 view of shape (16, 3, 4, 4) (convolution weight)"
+    assert explained["head.weight"] == "adamw: output layer head (top-level 'head' head)"
 
 
-def test_moe_flatten_and_batch():
+def test_moe_batched_by_default_flatten_on_request():
     model = MoE()
     got = split(model, limuon.param_groups(model))
-    # Without batch, a 3-D expert weight is one E × (m·n) matrix, and the per-expert bias a 4×12 matrix.
-    assert got == {"matrix": {"router.weight", "experts.w_in", "experts.w_out", "experts.b_in"},
+    # A 3-D parameter that is not a convolution weight holds independent matrices: batch view by default.
+    # The per-expert bias (4, 12) is 2-D: one matrix (an override sends it to AdamW, below).
+    assert got == {"matrix": {"router.weight", "experts.b_in"}, "batch": {"experts.w_in", "experts.w_out"},
                    "adamw": {"norm.weight", "norm.bias"}}
+    assert limuon.explain_param_groups(model)["experts.w_in"] == (
+        "batch: 4 matrices 8x12 (ndim 3, not a convolution weight)")
     groups = limuon.param_groups(model, batch="experts.w_*", adamw="experts.b_in")
     assert split(model, groups) == {"matrix": {"router.weight"}, "batch": {"experts.w_in", "experts.w_out"},
                                     "adamw": {"norm.weight", "norm.bias", "experts.b_in"}}
-    assert [g.get("matrix_view") for g in groups] == [None, "batch", None]
+    assert [g.get("matrix_view") for g in groups] == ["flatten", "batch", None]
     assert limuon.explain_param_groups(model, batch="experts.w_*")["experts.w_in"] == (
         "batch: batch='experts.w_*', 4 matrices 8x12")
+    # flatten= names the exceptions: one E × (m·n) matrix; matrix= keeps the view of the rule.
+    groups = limuon.param_groups(model, flatten="experts.w_in", matrix="experts.w_out")
+    assert split(model, groups) == {"matrix": {"router.weight", "experts.b_in", "experts.w_in"},
+                                    "batch": {"experts.w_out"}, "adamw": {"norm.weight", "norm.bias"}}
+    assert limuon.explain_param_groups(model, flatten="experts.w_in")["experts.w_in"] == (
+        "matrix: flatten='experts.w_in', 4x96 view of shape (4, 8, 12)")
+
+
+@pytest.mark.parametrize("style", ["mixtral", "qwen", "deepseek"])
+def test_moe_language_models(style):
+    """The expert layouts of transformers 5.x: fused (E, m, n) experts batched, routers and shared experts
+    matrices, embeddings, the head, norms and (1, d) gates AdamW."""
+    model = MoELM(style)
+    assert split(model, limuon.param_groups(model)) == moe_lm_split(style)
+
+
+class HFImageClassifier(nn.Module):
+    """Hugging Face's *ForImageClassification: a backbone and a top-level ``classifier`` Linear."""
+
+    def __init__(self, d: int = 16, classes: int = 10) -> None:
+        super().__init__()
+        self.vit = nn.ModuleDict({"embeddings": nn.Linear(48, d), "encoder": nn.Linear(d, d),
+                                  "layernorm": nn.LayerNorm(d)})
+        self.classifier = nn.Linear(d, classes)
+
+
+class HFSequenceClassifier(nn.Module):
+    """Hugging Face's *ForSequenceClassification of a decoder: a ``score`` head and get_output_embeddings() None."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.model = nn.ModuleDict({"embed_tokens": nn.Embedding(VOCAB, d), "proj": nn.Linear(d, d)})
+        self.score = nn.Linear(d, 3, bias=False)
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+
+class TimmLike(nn.Module):
+    """timm: get_classifier() names the head, here ``head.fc`` inside a head module with a hidden ``pre_logits``."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, d, 3)
+        self.blocks = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.head = nn.Module()
+        self.head.pre_logits, self.head.fc = nn.Linear(d, d), nn.Linear(d, 7)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+
+class TorchvisionLike(nn.Module):
+    """torchvision: ResNet's top-level ``fc``; VGG's ``classifier`` Sequential (hidden Linears, then the output)."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, d, 3)
+        self.fc = nn.Linear(d, 5)
+        self.classifier = nn.Sequential(nn.Linear(d, 32), nn.ReLU(), nn.Linear(32, 6))
+
+
+class HFCausalLM(nn.Module):
+    """An untied head the vocabulary rule cannot see (two vocab-sized Linears), named by get_output_embeddings()."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, d)
+        self.mtp = nn.Linear(d, VOCAB, bias=False)
+        self.out = nn.Linear(d, VOCAB, bias=False)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.out
+
+
+@pytest.mark.parametrize("make, heads, hidden", [
+    (HFImageClassifier, {"classifier.weight"}, {"vit.embeddings.weight", "vit.encoder.weight"}),
+    (HFSequenceClassifier, {"score.weight"}, {"model.proj.weight"}),
+    (TimmLike, {"head.fc.weight"}, {"stem.weight", "blocks.0.weight", "blocks.2.weight", "head.pre_logits.weight"}),
+    (TorchvisionLike, {"fc.weight", "classifier.2.weight"}, {"conv1.weight", "classifier.0.weight"}),
+], ids=["hf_image", "hf_sequence", "timm", "torchvision"])
+def test_classifier_heads_go_to_adamw(make, heads, hidden):
+    model = make()
+    got = split(model, limuon.param_groups(model))
+    assert got["matrix"] == hidden
+    assert heads <= got["adamw"]
+    explained = limuon.explain_param_groups(model)
+    assert all(explained[h].startswith("adamw: output layer") for h in heads), explained
+
+
+def test_get_output_embeddings_names_the_head():
+    """Two vocab-sized Linears: the vocabulary rule is ambiguous, but the model says which is its head."""
+    model = HFCausalLM()
+    got = split(model, limuon.param_groups(model))
+    assert got == {"matrix": {"mtp.weight"}, "adamw": {"embed.weight", "out.weight"}}
+    assert limuon.explain_param_groups(model)["out.weight"] == (
+        "adamw: output layer out (the model's get_output_embeddings())")
+
+
+def test_output_takes_a_list_and_an_unknown_name_lists_candidates():
+    model = HFImageClassifier()
+    got = split(model, limuon.param_groups(model, output=["classifier", "vit.encoder"]))
+    assert got["adamw"] >= {"classifier.weight", "classifier.bias", "vit.encoder.weight"}
+    with pytest.raises(ValueError, match=r"Invalid output: the pattern 'head' matches no parameter or module name "
+                                         r"of the model; candidate output modules: vit, classifier, "
+                                         r"vit.embeddings, vit.encoder"):
+        limuon.param_groups(model, output="head")
 
 
 def test_overrides_and_options():
@@ -190,7 +373,7 @@ def test_overrides_and_options():
         "adamw": adamw | forced | {"transformer.wpe.weight", "lm_head.weight"},
     }
     assert [{k: v for k, v in g.items() if k != "params"} for g in groups] == [
-        {"lr": 0.03}, {"adamw_lr": 1e-3, "algorithm": "adamw"}]
+        {"matrix_view": "flatten", "lr": 0.03}, {"adamw_lr": 1e-3, "algorithm": "adamw"}]
 
 
 def test_frozen_parameters_left_out():
@@ -210,12 +393,13 @@ def test_frozen_parameters_left_out():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(adamw="lm_haed"), r"Invalid adamw: the pattern 'lm_haed' matches no parameter"),
     (dict(matrix=["*.c_fc.weight", "nope"]), r"Invalid matrix: the pattern 'nope'"),
-    (dict(output="head"), r"Invalid output: the pattern 'head'"),
+    (dict(output="head"), r"Invalid output: the pattern 'head' .*; candidate output modules: transformer, lm_head"),
     (dict(batch="experts"), r"Invalid batch: the pattern 'experts'"),
     (dict(adamw="*.c_fc.weight", matrix="transformer.h.0.mlp.c_fc"),
      r"Contradictory overrides for parameter 'transformer.h.0.mlp.c_fc.weight': adamw='\*.c_fc.weight'"),
     (dict(output="lm_head", batch="lm_head"), r"Contradictory overrides .* output='lm_head' .* batch="),
-    (dict(batch="*.c_fc.weight"), r"Invalid batch: .*shape \(64, 16\); matrix_view='batch' needs ndim >= 3"),
+    (dict(batch="*.c_fc.weight"), r"Invalid batch: .*shape \(64, 16\); matrix_view='batch' is for ndim >= 3"),
+    (dict(flatten="*.c_fc.weight"), r"Invalid flatten: .*shape \(64, 16\); matrix_view='flatten' is for ndim >= 3"),
     (dict(matrix="transformer.ln_f.weight"), r"Invalid matrix: .*shape \(16,\); only a parameter with ndim >= 2"),
     (dict(matrix_options={"algorithm": "adamw"}), r"Invalid matrix_options: the key 'algorithm'"),
     (dict(adamw_options={"params": []}), r"Invalid adamw_options: the key 'params'"),
@@ -262,9 +446,13 @@ OPTIMIZERS = {
 MODELS = {
     "gpt_tied": (lambda: GPT(tied=True), {}),
     "gpt_untied": (lambda: GPT(tied=False), {}),
-    "vit": (ViT, {"output": "head"}),
-    "moe_flatten": (MoE, {"adamw": "experts.b_in"}),
+    "vit": (ViT, {}),
+    "moe_flatten": (MoE, {"adamw": "experts.b_in", "flatten": "experts.w_*"}),
     "moe_batch": (MoE, {"adamw": "experts.b_in", "batch": "experts.w_*"}),
+    "moe_default": (MoE, {"adamw": "experts.b_in"}),
+    "mixtral_like": (lambda: MoELM("mixtral"), {}),
+    "qwen_moe_like": (lambda: MoELM("qwen"), {}),
+    "deepseek_like": (lambda: MoELM("deepseek"), {}),
 }
 RTOL_MATRIX = 5e-5  # fp32 Newton–Schulz vs the fp64 polar factor (measured: at most 4.6e-6)
 # The first AdamW step moves a LayerNorm gain of 1.0 by 2e-3: fp32 rounding of the weight (half an ulp,
