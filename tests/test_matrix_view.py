@@ -204,8 +204,8 @@ def test_bad_matrix_view_is_refused(cls):
     message = r"Invalid matrix_view: 'rows'; expected one of \('flatten', 'batch'\)"
     with pytest.raises(ValueError, match=message):
         cls([w], matrix_view="rows")
-    with pytest.raises(ValueError, match=r"Invalid matrix_view: None"):
-        cls([{"params": [w], "matrix_view": None}])
+    # None is the default: "flatten" (with a warning where the shape looks like stacked matrices)
+    assert cls([{"params": [w], "matrix_view": None}], adamw_lr=1e-3).param_groups[0]["matrix_view"] == "flatten"
     opt = cls([{"params": [w], "matrix_view": "batch"}], lr=0.02)
     w.grad = torch.randn(E, M, N)
     opt.step()
@@ -224,8 +224,8 @@ def test_changing_the_view_of_low_rank_state_is_refused():
     opt.step()
     before = [p.detach().clone() for p in (plain, w)]
     opt.param_groups[0]["matrix_view"] = "flatten"
-    with pytest.raises(ValueError, match=r"Invalid matrix_view: 'flatten' for parameter 1 \(shape \(4, 16, 24\)\): "
-                                         r"its low-rank factor U has shape \(4, 16, 2\)"):
+    with pytest.raises(ValueError, match=r"Invalid matrix_view: 'flatten' for parameter 1 of group 0 "
+                                         r"\(shape \(4, 16, 24\)\): its low-rank factor U has shape \(4, 16, 2\)"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, (plain, w)))
     assert opt.state[w]["U"].shape == (E, M, 2)

@@ -170,7 +170,7 @@ def test_raise_on_the_first_step_leaves_no_state(config):
             p.grad = g.clone()
 
     closure()
-    with pytest.raises(limuon.NonFiniteGradientError, match=r"parameter 6 \(shape \(4, 3, 2, 2\)\)"):
+    with pytest.raises(limuon.NonFiniteGradientError, match=r"parameter 6 of group 0 \(shape \(4, 3, 2, 2\)\)"):
         opt.step(closure)
     assert not any(opt.state.get(p) for p in params)
     assert all(torch.equal(p, b) for p, b in zip(params, before))

@@ -63,22 +63,23 @@ def adamw_lr(group: dict) -> float | Tensor:
     ``adamw_lr`` follows the shape of the group's lr schedule relative to the lr the group was created
     with (``lr_at_creation``): ``adamw_lr · lr / lr_at_creation``. Not torch's ``initial_lr``, which a
     scheduler sets to its own starting value (``OneCycleLR``: ``max_lr / div_factor``), so the AdamW lr
-    would be scaled by the schedule's peak-to-start ratio. ``adamw_lr=None`` (allowed only with
-    ``adjust_lr_fn="match_rms_adamw"``) is the group's lr itself. ``lr = 0`` gives 0: the whole group is
-    frozen (torch.distributed.checkpoint initialises optimizer state by a step with lr = 0). A tensor lr
-    gives a tensor (computed on its device, never read back).
+    would be scaled by the schedule's peak-to-start ratio. A group with ``algorithm="adamw"`` is created
+    with ``lr = adamw_lr`` (``_common``), so there this is ``lr`` itself, exactly (what LR monitors read is
+    what the group uses). ``adamw_lr=None`` (allowed only with ``adjust_lr_fn="match_rms_adamw"``) is the
+    group's lr itself. ``lr = 0`` gives 0: the whole group is frozen (torch.distributed.checkpoint initialises
+    optimizer state by a step with lr = 0). A tensor lr gives a tensor (computed on its device, never read back).
     """
     lr = group["lr"]
-    if group["adamw_lr"] is None:
+    target = group["adamw_lr"]
+    created = float(group.get("lr_at_creation") or 0.0)
+    if target is None or float(target) == created:
         return lr
     if isinstance(lr, Tensor):
-        created = float(group.get("lr_at_creation") or 0.0)
-        return lr * (float(group["adamw_lr"]) / created) if created else torch.full_like(lr, group["adamw_lr"])
+        return lr * (float(target) / created) if created else torch.full_like(lr, target)
     lr = float(lr)
-    created = float(group.get("lr_at_creation") or 0.0)
     if created == 0.0:  # (a group created with lr = 0: no schedule shape to follow)
-        return float(group["adamw_lr"]) if lr != 0.0 else 0.0
-    return float(group["adamw_lr"]) * lr / created
+        return float(target) if lr != 0.0 else 0.0
+    return float(target) * lr / created
 
 
 def _init_state(params: list[Tensor], state: dict) -> None:

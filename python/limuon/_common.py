@@ -7,10 +7,11 @@ state (``_stacks``) and data-parallel execution (``_distributed``).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 import limuon_kernels as lk
@@ -20,7 +21,10 @@ from limuon._checks import ADAMW, check_adamw_group, check_choice, check_number,
 from limuon._distributed import Distribution, adapt_to_param, check_dtensor_param, local, resolve_group, wrap_like
 from limuon._functional import Orthogonalizer, orthogonalizer
 from limuon._gradients import NonFiniteGradientError, check_presence, nonfinite_message
+from limuon._naming import describe_param
 from limuon._nonfinite import NONFINITE_MODES, StepGuard
+from limuon._param_groups import param_groups
+from limuon._routing_checks import flattened_warning, looks_like_stacked_matrices, misrouted_by_name, misrouted_warning
 from limuon._stacks import PARAM_SHAPED_STATE, StackedStateMixin, is_inner_slice
 from limuon._step_cache import StepCache
 
@@ -37,33 +41,81 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
     _matrix_algorithm = "matrix"
     nonfinite = "raise"  # (what an optimizer unpickled from an older version without the attribute does)
 
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        # A model is routed by limuon.param_groups' rules, its parameters named in the groups (errors name them).
+        if isinstance(params, nn.Module):
+            params = param_groups(params, with_names=True)
+        super().__init__(params, defaults)
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        given = set(param_group) if isinstance(param_group, dict) else set()
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        # The lr this group starts from: the AdamW lr follows the lr schedule relative to it (_adamw.adamw_lr).
-        group.setdefault("lr_at_creation", float(group["lr"]))
         first_index = sum(len(g["params"]) for g in self.param_groups[:-1])
+        chose_view = group.get("matrix_view") is not None
+        if "matrix_view" in group and not chose_view:
+            group["matrix_view"] = "flatten"  # (None, the default: flatten, with a warning where it looks wrong)
         try:
-            self._check_group(group)
+            self._check_group(group)  # (before lr is read: a tensor lr of several elements is named here)
+            if group["algorithm"] == ADAMW:
+                self._settle_adamw_group_lr(group, given)
+            # The lr this group starts from: the AdamW lr follows the lr schedule relative to it (_adamw.adamw_lr).
+            group.setdefault("lr_at_creation", float(group["lr"]))
             self._check_adamw_lr(group)
             group["ns_compute_dtype"] = ns_dtype_name(group.get("ns_compute_dtype"))
             for j, p in enumerate(group["params"]):
                 self._check_param(group, first_index + j, p)
+            self._warn_about_routing(group, chose_view, names_from_pairs="param_names" not in given)
             # The step's device flags exist before any step (a compiled step then only mutates them).
             self.step_cache().allocate_flags(local(p).device for p in group["params"])
         except ValueError:
             self.param_groups.pop()
             raise
 
+    @staticmethod
+    def _settle_adamw_group_lr(group: dict, given: set[str]) -> None:
+        """In a group with ``algorithm="adamw"`` every parameter takes the AdamW update, so the group's ``lr``
+        *is* its AdamW lr (what LR monitors and schedulers see): ``adamw_lr`` when the group does not set
+        ``lr`` itself, the group's own ``lr`` otherwise (both given and different: refused)."""
+        if "lr" in given:
+            if "adamw_lr" in given and group["adamw_lr"] is not None and group["adamw_lr"] != group["lr"]:
+                raise ValueError(
+                    f"Invalid adamw_lr: {group['adamw_lr']!r} in a group with algorithm='adamw' and "
+                    f"lr={group['lr']!r}; such a group's lr is its AdamW lr: give one of them"
+                )
+            group["adamw_lr"] = float(group["lr"])  # (a tensor lr: read once, here, as lr_at_creation is)
+        elif group["adamw_lr"] is not None:
+            group["lr"] = float(group["adamw_lr"])
+
+    def _warn_about_routing(self, group: dict, chose_view: bool, names_from_pairs: bool) -> None:
+        """One warning per group for what a list of parameters may have sent to the wrong update (see
+        ``_routing_checks``). ``chose_view``: the group or the optimizer set ``matrix_view`` (no warning);
+        ``names_from_pairs``: the names came from ``(name, tensor)`` pairs (``named_parameters()``), not from
+        groups that name their parameters themselves (``param_groups(model, with_names=True)``, routed already)."""
+        name = type(self).__name__
+        found = misrouted_by_name(group) if names_from_pairs else []
+        if found:
+            warnings.warn(misrouted_warning(name, found), UserWarning, stacklevel=4)
+        if not chose_view and group.get("matrix_view") == "flatten":
+            stacked = [self.param_label(0, p) for p in group["params"]
+                       if self._is_matrix(group, p) and looks_like_stacked_matrices(p)]
+            if stacked:
+                warnings.warn(flattened_warning(name, stacked), UserWarning, stacklevel=4)
+
+    def param_label(self, index: int, p: Tensor) -> str:
+        """How messages name parameter ``p`` (flat position ``index``): by its name when the group has
+        ``param_names``, else by group and position (``_naming.describe_param``)."""
+        return describe_param(self.param_groups, p)
+
     def _check_param(self, group: dict, index: int, p: Tensor) -> None:
-        check_dtensor_param(index, p)
+        check_dtensor_param(self.param_label(index, p), p)
         if p.is_complex():
-            raise ValueError(f"Invalid parameter of shape {tuple(p.shape)}: complex parameters are not supported")
+            raise ValueError(f"Invalid {self.param_label(index, p)}: complex parameters are not supported")
         if p.ndim >= 2 and p.numel() == 0 and group["algorithm"] != ADAMW:
-            raise ValueError(f"Invalid parameter of shape {tuple(p.shape)}: an empty matrix cannot be orthogonalised")
+            raise ValueError(f"Invalid {self.param_label(index, p)}: an empty matrix cannot be orthogonalised")
         if group["algorithm"] == self._matrix_algorithm and p.ndim < 2:
             raise ValueError(
-                f"Invalid parameter of shape {tuple(p.shape)} in a group with algorithm="
+                f"Invalid {self.param_label(index, p)} in a group with algorithm="
                 f"{self._matrix_algorithm!r}: it needs ndim >= 2 (use algorithm='adamw')"
             )
 
@@ -74,13 +126,13 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
             return
         for p in group["params"]:
             if not self._is_matrix(group, p):
-                index = next((i for i, q in enumerate(self._all_params()) if q is p), "?")
                 why = "the group has algorithm='adamw'" if group["algorithm"] == ADAMW else "it has ndim < 2"
                 raise ValueError(
-                    f"Invalid adamw_lr: None; parameter {index} (shape {tuple(p.shape)}) goes to AdamW "
-                    f"({why}) and adjust_lr_fn={group['adjust_lr_fn']!r} does not scale the matrix lr to AdamW's. "
-                    "Pass adamw_lr= (e.g. 3e-4) for the AdamW-routed parameters, or adjust_lr_fn='match_rms_adamw' "
-                    "to use lr for both"
+                    f"Invalid adamw_lr: None; {describe_param(self.param_groups, p)} goes to AdamW ({why}) and "
+                    f"adjust_lr_fn={group['adjust_lr_fn']!r} does not scale the matrix lr to AdamW's. Pass adamw_lr= "
+                    "(e.g. 3e-4) for the AdamW-routed parameters, or adjust_lr_fn='match_rms_adamw' to use lr for "
+                    "both. Pass the model itself (limuon.LiMuon(model, ...)) rather than model.parameters(), so that "
+                    "its embeddings and output layer go to AdamW too (a list of tensors cannot say which they are)"
                 )
 
     def __getstate__(self) -> dict[str, Any]:
@@ -131,7 +183,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         device. ``previous``: exact mode's (index, param, gradient at W_{k−1}) items, checked alike."""
         items = [(idx, p, p.grad) for idx, p in enumerate(self._all_params())]
         group = self.distribution().group
-        check_presence(items, group=group, lost_state=self._lost_state(items))
+        check_presence(items, group=group, lost_state=self._lost_state(items), label=self.param_label)
         checked = [("gradient", items)] + ([("gradient at the previous iterate", previous)] if previous else [])
         return StepGuard(self.step_cache(), checked, group)
 
@@ -139,7 +191,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
         """``nonfinite="raise"``: the step's one host read (before the first change that the device flag
         cannot undo, or at the end); raises with nothing changed. ``"skip"``: nothing to do."""
         if self.nonfinite == "raise":
-            guard.settle(lambda: nonfinite_message(guard.checked, self.distribution().group))
+            guard.settle(lambda: nonfinite_message(guard.checked, self.distribution().group, self.param_label))
 
     def _finish_step(self, guard: StepGuard) -> None:
         self._settle(guard)
@@ -223,7 +275,7 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
             st = dict(state[pid])
             for key in PARAM_SHAPED_STATE:
                 if isinstance(st.get(key), Tensor):
-                    st[key] = adapt_to_param(index, key, p, st[key])
+                    st[key] = adapt_to_param(self.param_label(index, p), key, p, st[key])
             state[pid] = st
         return {**state_dict, "state": state}
 
@@ -280,3 +332,29 @@ class HybridOptimizer(StackedStateMixin, Optimizer):
             self._check_group(group)
             self._check_adamw_lr(group)
         self.check_backends()
+        self._warn_about_a_shared_schedule()
+
+    def _warn_about_a_shared_schedule(self) -> None:
+        """Once: a scheduler given one absolute lr for groups of different lrs (``OneCycleLR(max_lr=0.02)``,
+        ``CyclicLR``) puts the AdamW group on the matrix lr's scale, as it would a twin torch.optim.AdamW's
+        group; seen as equal ``initial_lr`` in groups created with different lrs (schedulers that start from
+        each group's own lr give each its own)."""
+        if self.__dict__.get("_warned_shared_schedule"):
+            return
+        starts = [(i, g["initial_lr"], g["lr_at_creation"]) for i, g in enumerate(self.param_groups)
+                  if "initial_lr" in g and g["algorithm"] != ADAMW]
+        for i, group in enumerate(self.param_groups):
+            if group["algorithm"] != ADAMW or "initial_lr" not in group:
+                continue
+            same = [j for j, start, created in starts
+                    if start == group["initial_lr"] and created != group["lr_at_creation"]]
+            if same:
+                self.__dict__["_warned_shared_schedule"] = True
+                warnings.warn(
+                    f"{type(self).__name__}: the lr scheduler gave param group {i} (algorithm='adamw', created with "
+                    f"lr={group['lr_at_creation']:g}) the same schedule values as group {same[0]} (created with "
+                    f"lr={self.param_groups[same[0]]['lr_at_creation']:g}): its AdamW lr now follows them. Give the "
+                    "scheduler one value per group (e.g. OneCycleLR(opt, max_lr=[0.02, 3e-4])), as for any "
+                    "torch optimizer whose groups have different lrs",
+                    UserWarning, stacklevel=3)
+                return

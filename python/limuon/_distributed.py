@@ -87,13 +87,13 @@ def resolve_group(distributed_mesh: Any) -> dist.ProcessGroup | None:
     return distributed_mesh
 
 
-def check_dtensor_param(index: int, p: Tensor) -> None:
+def check_dtensor_param(label: str, p: Tensor) -> None:
     """Refuse ``DTensor`` layouts other than FSDP2's: sharded on dim 0 over a 1-D mesh."""
     if not is_dtensor(p):
         return
     if p.device_mesh.ndim != 1 or len(p.placements) != 1 or p.placements[0] != Shard(0):
         raise ValueError(
-            f"Invalid parameter {index} (shape {tuple(p.shape)}): a DTensor with placements {p.placements} on a "
+            f"Invalid {label}: a DTensor with placements {p.placements} on a "
             f"{p.device_mesh.ndim}-D mesh; limuon supports DTensor parameters sharded on dim 0 over a 1-D mesh "
             "(FSDP2's fully_shard), or plain tensors"
         )
@@ -101,7 +101,7 @@ def check_dtensor_param(index: int, p: Tensor) -> None:
     held = local(p).shape[0]
     if held != stop - start:
         raise ValueError(
-            f"Invalid parameter {index} (shape {tuple(p.shape)}): rank {p.device_mesh.get_local_rank()} holds "
+            f"Invalid {label}: rank {p.device_mesh.get_local_rank()} holds "
             f"{held} of its rows; Shard(0) holds {stop - start} (torch.chunk sizes, as FSDP2's fully_shard); "
             "limuon needs that"
         )
@@ -123,11 +123,11 @@ def _check_saved_sharding(where: str, p: Tensor, value: Tensor) -> Tensor:
     return value
 
 
-def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
+def adapt_to_param(label: str, key: str, p: Tensor, value: Tensor) -> Tensor:
     """Loaded parameter-shaped state ``value`` laid out as parameter ``p`` is: a whole plain tensor for
     a ``DTensor`` parameter is cut to this rank's rows; a ``DTensor`` saved for another mesh or sharding,
     or for a plain parameter, is refused (all ranks see the same mismatch, so all raise)."""
-    where = f"Invalid state_dict: state {key!r} of parameter {index} (shape {tuple(p.shape)})"
+    where = f"Invalid state_dict: state {key!r} of {label}"
     if tuple(value.shape) != tuple(p.shape):
         raise ValueError(f"{where} has shape {tuple(value.shape)}")
     if is_dtensor(value):
@@ -138,12 +138,12 @@ def adapt_to_param(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
     return wrap_like(p, value.reshape(p.shape)[start:stop].to(device=local(p).device).clone())
 
 
-def adapt_rows(index: int, key: str, p: Tensor, value: Tensor) -> Tensor:
+def adapt_rows(label: str, key: str, p: Tensor, value: Tensor) -> Tensor:
     """Loaded state ``value`` whose dim 0 indexes the matrices of a stacked parameter ``p`` (the low-rank
     factors of ``matrix_view="batch"``), laid out as ``p`` is: a whole plain tensor for a ``DTensor``
     parameter is cut to this rank's matrices; a ``DTensor`` saved for another mesh or sharding, or for
     a plain parameter, is refused (before anything changes: all ranks see the same mismatch)."""
-    where = f"Invalid state_dict: state {key!r} of parameter {index} (shape {tuple(p.shape)})"
+    where = f"Invalid state_dict: state {key!r} of {label}"
     if value.ndim == 0 or value.shape[0] != p.shape[0]:
         raise ValueError(f"{where} has shape {tuple(value.shape)}; its first dimension must be the parameter's")
     if is_dtensor(value):

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from limuon._distributed import local
-from limuon._gradients import check_presence
+from limuon._gradients import Label, check_presence
+from limuon._naming import positional_label
 
 RESTORE_SCOPES = ("all", "matrices")
 
@@ -87,10 +88,10 @@ PREVIOUS = "gradient at the previous iterate (closure call at W_{k-1})"
 
 
 def previous_gradients(needed: list[tuple[int, Tensor]], grads: dict[int, Tensor | None],
-                       process_group: Any) -> list[tuple[int, Tensor, Tensor | None]]:
+                       process_group: Any, label: Label = positional_label) -> list[tuple[int, Tensor, Tensor | None]]:
     """The gradients at ``W_{k−1}`` of the ``needed`` (index, matrix) pairs as (index, param, grad) items, each
     required (on every rank), else the step is refused with nothing changed. (Their finiteness is part of
     the step's device flag.)"""
     wanted = [(i, p, grads.get(id(p))) for i, p in needed]
-    check_presence(wanted, what=PREVIOUS, group=process_group, required=True)
+    check_presence(wanted, what=PREVIOUS, group=process_group, required=True, label=label)
     return wanted

@@ -43,7 +43,7 @@ class LowRankMomentumMixin:
                     want = (*p.shape[:-2], m) if is_batched(p, view) else (m,)
                     if tuple(U.shape[:-1]) != want:
                         raise ValueError(
-                            f"Invalid matrix_view: {view!r} for parameter {index} (shape {tuple(p.shape)}): its "
+                            f"Invalid matrix_view: {view!r} for {self.param_label(index, p)}: its "
                             f"low-rank factor U has shape {tuple(U.shape)}, stored under the other matrix_view; "
                             "keep the matrix_view the state was created with. Nothing was changed"
                         )
@@ -60,8 +60,7 @@ class LowRankMomentumMixin:
         leads = [bucket.leads[j] for j in owned]
         for p, j in zip(params, owned):
             if "U" not in self.state[p]:  # (checked on every rank before the step: see _lost_state)
-                raise RuntimeError(
-                    f"LiMuon has no low-rank factors for parameter {bucket.indices[j]} (shape {tuple(p.shape)})")
+                raise RuntimeError(f"LiMuon has no low-rank factors for {self.param_label(bucket.indices[j], p)}")
         if G.shape[0] == 0:  # (no matrix here: a rank holding none of a stacked parameter's experts)
             return G, G.to(x_dtype), G.new_zeros(0, dtype=torch.float32)
         by_rank: dict[int, list[int]] = {}

@@ -69,7 +69,8 @@ class LowRankStateMixin:
         out = dict(kept)
         for index, ((pid, view), p) in enumerate(zip(saved, params)):
             if is_batched(p, view) and kept.get(pid):
-                out[pid] = {k: adapt_rows(index, k, p, v) if k in FACTORS else v for k, v in kept[pid].items()}
+                label = self.param_label(index, p)
+                out[pid] = {k: adapt_rows(label, k, p, v) if k in FACTORS else v for k, v in kept[pid].items()}
         return out
 
     def _sharded_matrices(self) -> list[tuple[int, Tensor]]:

@@ -132,7 +132,7 @@ class LiMuon(LiMuonBucketStepMixin, LowRankMomentumMixin, LowRankStateMixin, Hyb
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         seed: int = 0,
-        matrix_view: str = "flatten",
+        matrix_view: str | None = None,
         ns_compute_dtype: torch.dtype | None = None,
         distributed_mesh: Any = None,
         nonfinite: str = "raise",
@@ -233,7 +233,7 @@ class LiMuon(LiMuonBucketStepMixin, LowRankMomentumMixin, LowRankStateMixin, Hyb
         """Exact mode: (index, matrix, gradient at the previous iterate, same batch) of the exact-mode matrices."""
         needed = [(i, p) for group, mats, _ in split if group["variance_reduction"] == "exact"
                   for i, p in mats if "last_update" in self.state.get(p, {})]
-        return previous_gradients(needed, previous, self.distribution().group)
+        return previous_gradients(needed, previous, self.distribution().group, self.param_label)
 
     def _keep_restore_buffers(self, exact: bool, stepped: set[int], guard: StepGuard) -> None:
         """Restore buffers for the next step: dropped where no longer wanted (no exact mode, or out of the

@@ -69,7 +69,7 @@ class Muon(HybridOptimizer):
         adamw_weight_decay: float | None = None,
         ns_compute_dtype: torch.dtype | None = None,
         ns_method: str = "auto",
-        matrix_view: str = "flatten",
+        matrix_view: str | None = None,
         distributed_mesh: Any = None,
         nonfinite: str = "raise",
     ) -> None:
