@@ -55,14 +55,12 @@ def token_dataset(n_seq: int = 512, seed: int = 0) -> list[dict[str, torch.Tenso
 
 
 def make_optimizer(model: GPT2LMHeadModel, **overrides: Any) -> limuon.LiMuon:
-    """LiMuon for the transformer blocks' matrices, AdamW (inside LiMuon) for the embeddings."""
-    embeddings = [model.transformer.wte.weight, model.transformer.wpe.weight]  # wte is also the LM head
-    taken = {id(p) for p in embeddings}
-    rest = [p for p in model.parameters() if id(p) not in taken]
+    """LiMuon for the transformer blocks' matrices, AdamW (inside LiMuon) for the embeddings (wte is also
+    the LM head), norms and biases: the model itself is passed, routed by limuon.param_groups."""
     kwargs = dict(lr=0.02, momentum=0.95, variance_reduction="approx", adjust_lr_fn="match_rms_adamw",
                   adamw_lr=0.01, weight_decay=0.0)
     kwargs.update(overrides)
-    return limuon.LiMuon([{"params": rest}, {"params": embeddings, "algorithm": "adamw"}], **kwargs)
+    return limuon.LiMuon(model, **kwargs)
 
 
 def training_args(out: Path, steps: int, **overrides: Any) -> TrainingArguments:

@@ -95,10 +95,9 @@ class LitLiMuon(pl.LightningModule):
         self.log("train_loss", loss, prog_bar=True)
 
     def configure_optimizers(self) -> limuon.LiMuon:
-        # Hidden matrices get LiMuon; embeddings and the head AdamW (1-D parameters go there anyway).
-        adamw = [*self.model.embed.parameters(), *self.model.head.parameters()]
-        hidden = [p for p in self.model.blocks.parameters()]
-        return limuon.LiMuon([{"params": hidden}, {"params": adamw, "algorithm": "adamw"}], **self.optimizer_kwargs)
+        # The model itself: hidden matrices get LiMuon; the embedding, the head, norms and biases AdamW
+        # (limuon.param_groups' rules).
+        return limuon.LiMuon(self.model, **self.optimizer_kwargs)
 
 
 def make_loader(n_seq: int = 512, seq_len: int = 33, batch_size: int = 16, seed: int = 0) -> DataLoader:

@@ -32,6 +32,7 @@ import importlib
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -402,3 +403,50 @@ def test_hf_example_trains_saves_and_resumes(hf, tmp_path):
     second = hf.main(["--steps", "5", "--out", str(out), "--resume", *threads])
     assert second["steps"] == 5 and (out / "checkpoint-5" / "optimizer.pt").is_file()
     assert math.isfinite(second["loss"])
+
+
+# -- real architectures, routed by passing the model ------------------------------------------------
+
+
+def _hf_models() -> dict[str, tuple[nn.Module, set[str]]]:
+    """Tiny random-init Hugging Face models (nothing downloaded) and the names that must go to AdamW
+    besides norms and biases."""
+    tf = _require("transformers")
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=100)
+    vit = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                       image_size=32, patch_size=8, num_labels=10)
+    return {
+        "llama": (tf.LlamaForCausalLM(tf.LlamaConfig(**small, tie_word_embeddings=False)),
+                  {"model.embed_tokens.weight", "lm_head.weight"}),
+        "llama_seq_cls": (tf.LlamaForSequenceClassification(tf.LlamaConfig(**small, num_labels=3, pad_token_id=0)),
+                          {"model.embed_tokens.weight", "score.weight"}),
+        "mixtral": (tf.MixtralForCausalLM(tf.MixtralConfig(**small, num_local_experts=4, num_experts_per_tok=2)),
+                    {"model.embed_tokens.weight", "lm_head.weight"}),
+        "gpt2": (tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=32)),
+                 {"transformer.wte.weight", "transformer.wpe.weight"}),
+        "vit": (tf.ViTForImageClassification(vit), {"classifier.weight", "vit.embeddings.cls_token",
+                                                    "vit.embeddings.position_embeddings"}),
+    }
+
+
+def test_hf_architectures_are_right_by_default():
+    """LiMuon(model) on Llama, a sequence classifier, Mixtral (3-D experts), GPT-2 and ViT: embeddings and
+    output layers on AdamW at adamw_lr, experts batched, no warning, and a step that moves every group."""
+    for name, (model, adamw_names) in _hf_models().items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            opt = limuon.LiMuon(model, lr=0.02, adamw_lr=1e-3)
+        kinds = {n: ("adamw" if g.get("algorithm") == "adamw" else g["matrix_view"])
+                 for g in opt.param_groups for n in g["param_names"]}
+        assert {n for n, k in kinds.items() if k == "adamw"} >= adamw_names, name
+        matrices = {n for n, k in kinds.items() if k != "adamw"}
+        assert matrices and all(kinds[n] == "adamw" for n in kinds if n.endswith(("norm.weight", ".bias"))), name
+        experts = {n for n in kinds if ".experts." in n}
+        assert all(kinds[n] == "batch" for n in experts) and (name != "mixtral" or experts), name
+        assert [g["lr"] for g in opt.param_groups] == [0.02, *([0.02] if experts else []), 1e-3], name
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+        assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters()), name

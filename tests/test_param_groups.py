@@ -225,6 +225,19 @@ def test_ambiguous_heads_raise_until_named():
     assert got == {"matrix": matrix, "adamw": adamw | heads | {"transformer.wte.weight", "transformer.wpe.weight"}}
 
 
+def test_a_declared_head_among_vocabulary_wide_hidden_layers():
+    """Hidden layers as wide as the vocabulary (inside blocks) do not make the top-level head ambiguous."""
+    model = nn.Module()
+    model.embed = nn.Embedding(VOCAB, D)
+    model.blocks = nn.Sequential(nn.Linear(D, VOCAB), nn.Linear(VOCAB, D))
+    model.head = nn.Linear(D, VOCAB, bias=False)
+    got = split(model, limuon.param_groups(model))
+    assert got == {"matrix": {"blocks.0.weight", "blocks.1.weight"},
+                   "adamw": {"embed.weight", "blocks.0.bias", "blocks.1.bias", "head.weight"}}
+    assert limuon.explain_param_groups(model)["head.weight"] == (
+        "adamw: output layer head (the declared head among the Linears with out_features == num_embeddings of embed)")
+
+
 def test_vit():
     model = ViT()
     matrix, adamw = vit_names()  # the top-level head is the output layer: AdamW

@@ -29,7 +29,7 @@ def special_weights(model: nn.Module, detect_output: bool) -> dict[int, str]:
         declared = _declared_heads(model, modules)
         # (a head the model names by method settles an ambiguous vocabulary rule; a top-level name does not)
         by_method = any("the model's" in reason for reason in declared.values())
-        for key, reason in _vocab_outputs(embeddings, linears, must_decide=not by_method).items():
+        for key, reason in _vocab_outputs(embeddings, linears, set(declared), must_decide=not by_method).items():
             reasons.setdefault(key, reason)
         for key, reason in declared.items():
             reasons.setdefault(key, reason)
@@ -85,17 +85,25 @@ def _last_linear(module: nn.Module) -> nn.Linear | None:
 
 
 def _vocab_outputs(embeddings: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Linear]],
-                   must_decide: bool = True) -> dict[int, str]:
+                   declared: set[int], must_decide: bool = True) -> dict[int, str]:
     """Untied output projections: per embedding, the only Linear with ``out_features == num_embeddings``.
-    ``must_decide``: raise when the rule is ambiguous and nothing else identifies the output."""
+    Several: a declared head (``declared``: weight ids) among them is the output when no other candidate is
+    a top-level module (hidden layers as wide as the vocabulary live in blocks; other top-level ones would
+    be heads too, e.g. multi-token prediction). ``must_decide``: raise when the rule stays ambiguous and the
+    model did not name its output by method."""
     emb_ids = {id(emb.weight) for _, emb in embeddings}
     found, ambiguous = {}, []
     for emb_name, emb in embeddings:
         rows = emb.num_embeddings
         candidates = [(n, lin) for n, lin in linears if lin.out_features == rows and id(lin.weight) not in emb_ids]
+        heads = [(n, lin) for n, lin in candidates if id(lin.weight) in declared]
+        others_at_top = [n for n, lin in candidates if id(lin.weight) not in declared and "." not in n]
         if len(candidates) == 1:
             lin_name, lin = candidates[0]
             found[id(lin.weight)] = f"output projection {lin_name} (out_features == num_embeddings of {emb_name})"
+        elif len(heads) == 1 and not others_at_top:
+            found[id(heads[0][1].weight)] = (f"output layer {heads[0][0]} (the declared head among the Linears with "
+                                             f"out_features == num_embeddings of {emb_name})")
         elif candidates:
             shown = ", ".join(n for n, _ in candidates[:3]) + (", ..." if len(candidates) > 3 else "")
             ambiguous.append(f"{len(candidates)} Linear layers ({shown}) have out_features == num_embeddings "
