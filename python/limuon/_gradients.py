@@ -53,8 +53,8 @@ def check_presence(items: Items, what: str = "gradient", group: Any = None, requ
     for j, (idx, p, _) in enumerate(items):
         if anywhere[j] and not everywhere[j]:
             raise RuntimeError(
-                f"The {what} of {label(idx, p)} exists on some ranks and not on others; every rank must step "
-                "the same parameters. The step was skipped and nothing was changed"
+                f"{label(idx, p)[0].upper()}{label(idx, p)[1:]} has a {what} on some ranks and none on others; every "
+                "rank must step the same parameters. The step was skipped and nothing was changed"
             )
         if required and not anywhere[j]:
             raise RuntimeError(
